@@ -1,0 +1,165 @@
+"""The ``invariant`` command. Subcommands import their component lazily, so ``--help`` and the
+light components (gateway, operator) never pay for torch or vLLM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from invariant import __version__
+
+MAKE_STEPS = 4  # tokenizer, weights, safetensors, tokenizer + configs
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _model_make(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from invariant.modelmaker import ModelSpec, make_model
+    from invariant.modelmaker.make import ModelMakerError
+
+    spec = ModelSpec(arch=args.arch, size=args.size, dtype=args.dtype, seed=args.seed, close_logits=args.close_logits)
+    with tqdm(total=MAKE_STEPS, desc="making model", unit="step", disable=args.quiet) as bar:
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+        try:
+            out = make_model(args.dir, spec, overwrite=args.overwrite, progress=progress)
+        except ModelMakerError as exc:
+            raise CLIError(str(exc)) from exc
+    print(f"wrote {spec.arch} {spec.size} {spec.dtype} (seed {spec.seed}) to {out}")
+
+
+def _worker_options(args: argparse.Namespace):
+    from invariant.worker.options import WorkerOptions
+
+    return WorkerOptions(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        served_model_name=args.served_model_name,
+        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from invariant.worker.options import WorkerConfigError
+    from invariant.worker.server import run
+
+    try:
+        run(_worker_options(args))
+    except WorkerConfigError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _fingerprint(args: argparse.Namespace) -> None:
+    from invariant.worker.options import WorkerConfigError
+    from invariant.worker.server import prepare
+
+    try:
+        _, state = prepare(_fingerprint_options(args), serving=False)
+    except WorkerConfigError as exc:
+        raise CLIError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"fingerprint": state.fingerprint, "parts": state.parts}, indent=2, sort_keys=True))
+    else:
+        print(state.fingerprint)
+
+
+def _fingerprint_options(args: argparse.Namespace):
+    from invariant.worker.options import WorkerOptions
+
+    return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size)
+
+
+def _up(args: argparse.Namespace) -> None:
+    from invariant.up import UpError, up
+
+    try:
+        up(args)
+    except UpError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> None:
+    p.add_argument("--model", required=model_required, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16 or float32; float16 on CUDA")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per worker (CUDA only)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size in GiB (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="invariant", description="Bitwise-reproducible LLM serving.")
+    parser.add_argument("--version", action="version", version=f"invariant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="make local test and demo models", description="Local test and demo models.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    make = model_sub.add_parser(
+        "make", help="write a small Hugging Face checkpoint, deterministically from a seed",
+        description="Write a small Hugging Face checkpoint (safetensors, config, generation config, chat "
+                    "template, byte-level BPE tokenizer trained on shipped text); same seed, same bytes.",
+    )
+    make.add_argument("dir", help="output directory")
+    make.add_argument("--arch", default="qwen3", help="qwen3 (default) or llama")
+    make.add_argument("--size", default="tiny", help="tiny (default) or small")
+    make.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
+    make.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    make.add_argument("--close-logits", action="store_true",
+                      help="near-tied logits, so batch variance flips tokens, not only logprobs")
+    make.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    make.add_argument("--quiet", action="store_true", help="no progress bar")
+    make.set_defaults(func=_model_make)
+
+    worker = sub.add_parser("worker", help="serve a model with vLLM's OpenAI-compatible server",
+                            description="Serve a model with vLLM's OpenAI-compatible server, in-process, with "
+                                        "the numerics fingerprint and /invariant/ready.")
+    _add_worker_args(worker, model_required=True)
+    worker.set_defaults(func=_worker)
+
+    fp = sub.add_parser("fingerprint", help="print the numerics fingerprint a worker would serve",
+                        description="Compute the numerics fingerprint of a model on this machine, without serving.")
+    fp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    fp.add_argument("--dtype", default="auto", help="as for `invariant worker`")
+    fp.add_argument("--tensor-parallel-size", type=int, default=1)
+    fp.add_argument("--json", action="store_true", help="print all parts as JSON")
+    fp.set_defaults(func=_fingerprint)
+
+    up = sub.add_parser("up", help="run everything on this machine (makes a default model if needed)",
+                        description="Make the default tiny model if no --model is given, start the worker, wait "
+                                    "until it is ready, print the URL, fingerprint and a curl line.")
+    _add_worker_args(up, model_required=False)
+    up.add_argument("--state-dir", default=None, help="where default models and logs go (default ~/.cache/invariant)")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
+    up.set_defaults(func=_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except CLIError as exc:
+        print(f"invariant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Batch-invariant kernels (CPU and Triton/GPU). They know no service."""

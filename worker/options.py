@@ -1,0 +1,111 @@
+"""Validate a worker's options before anything heavy is imported, with one-line errors.
+
+vLLM's own failures for a bad model dir or dtype arrive as long tracebacks from a child
+process, a minute into start-up; these checks answer at once and say what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The architectures our invariant kernels and canary are written and tested for.
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+CPU_DTYPES = ("bfloat16", "float32")
+CUDA_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class WorkerConfigError(ValueError):
+    """A bad worker option; the message is one actionable line."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    invariance: bool = True
+    kv_cache_gib: float = 1.0
+    seed: int = 0
+    extra_vllm_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def read_model_config(model_dir: str) -> dict:
+    path = Path(model_dir)
+    if not path.exists():
+        raise WorkerConfigError(f"model directory {model_dir} does not exist: make one with `invariant model make {model_dir}`")
+    if not path.is_dir():
+        raise WorkerConfigError(f"--model {model_dir} is not a directory: pass a Hugging Face checkpoint directory")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise WorkerConfigError(f"{model_dir} has no config.json: it is not a Hugging Face checkpoint directory")
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as exc:
+        raise WorkerConfigError(f"{cfg} is not valid JSON ({exc})") from exc
+
+
+def resolve_dtype(requested: str, model_config: dict, *, cuda: bool) -> str:
+    """``auto`` means the checkpoint's own dtype, as vLLM resolves it."""
+    allowed = CUDA_DTYPES if cuda else CPU_DTYPES
+    dtype = requested
+    if dtype == "auto":
+        dtype = str(model_config.get("torch_dtype") or model_config.get("dtype") or "float32")
+    dtype = {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    if dtype not in allowed:
+        where = "CUDA" if cuda else "the CPU"
+        raise WorkerConfigError(f"unsupported dtype {requested!r} on {where}: choose one of auto, {', '.join(allowed)}")
+    return dtype
+
+
+def check_architecture(model_config: dict) -> str:
+    archs = model_config.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    shown = ", ".join(archs) or "none declared"
+    raise WorkerConfigError(
+        f"unsupported architecture ({shown}): invariant serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind and release the port now, so a clash fails in a second rather than after model load."""
+    if not 0 < port < 65536:
+        raise WorkerConfigError(f"--port {port} is out of range 1..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise WorkerConfigError(f"port {port} on {host} is already in use: stop what holds it or pass --port") from exc
+            raise WorkerConfigError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+
+
+def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> tuple[dict, str]:
+    """Check everything checkable without the engine; return the model config and resolved dtype."""
+    model_config = read_model_config(options.model)
+    check_architecture(model_config)
+    dtype = resolve_dtype(options.dtype, model_config, cuda=cuda)
+    if options.max_model_len is not None and options.max_model_len < 16:
+        raise WorkerConfigError(f"--max-model-len {options.max_model_len} is too small (at least 16)")
+    if options.tensor_parallel_size < 1:
+        raise WorkerConfigError("--tensor-parallel-size must be at least 1")
+    if not cuda and options.tensor_parallel_size != 1:
+        raise WorkerConfigError("--tensor-parallel-size > 1 needs CUDA GPUs; the CPU worker runs with 1")
+    if check_port:
+        check_port_free(options.host, options.port)
+    return model_config, dtype

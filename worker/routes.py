@@ -1,0 +1,43 @@
+"""The routes invariant adds to vLLM's app: the fingerprint and a readiness probe.
+
+vLLM already answers ``GET /health`` (alive: the engine loop runs). Readiness is ours: it turns
+200 only after a real generation succeeded, and the invariance canary adds its verdict here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+
+@dataclass
+class WorkerState:
+    fingerprint: str
+    parts: dict[str, Any]
+    model_name: str
+    ready: bool = False
+    reasons: list[str] = field(default_factory=lambda: ["starting: warm-up generation has not finished"])
+
+    def mark_ready(self) -> None:
+        self.ready, self.reasons = True, []
+
+    def mark_failed(self, reason: str) -> None:
+        self.ready, self.reasons = False, [reason]
+
+
+def invariant_router(state: WorkerState) -> APIRouter:
+    router = APIRouter(prefix="/invariant", tags=["invariant"])
+
+    @router.get("/fingerprint")
+    async def fingerprint() -> dict[str, Any]:
+        return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts}
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        body = {"ready": state.ready, "fingerprint": state.fingerprint, "reasons": state.reasons}
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    return router

@@ -1,0 +1,162 @@
+"""Run vLLM's own OpenAI-compatible server in-process, with the invariant routes added.
+
+We use vLLM's building blocks (engine client, ``build_app``, ``init_app_state``, ``serve_http``)
+rather than its ``run_server``, because we need the FastAPI app in hand before it serves: to add
+``/invariant/fingerprint`` and ``/invariant/ready`` and to gate readiness on a first generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from typing import Any
+
+from invariant.worker.fingerprint import collect_parts, compute_fingerprint
+from invariant.worker.options import WorkerOptions, validate
+from invariant.worker.routes import WorkerState, invariant_router
+
+log = logging.getLogger("invariant.worker")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def kernel_config(*, cuda: bool, invariance: bool) -> dict[str, Any]:
+    """What selects the kernels, and with them the bits: backend, compile mode, threads."""
+    import torch
+
+    if cuda:
+        return {"backend": "cuda", "enforce_eager": False,
+                "batch_invariant": "vllm" if invariance else "off"}
+    return {
+        "backend": "cpu",
+        # torch.compile (inductor) fuses ops and so changes numerics; the CPU worker runs eager.
+        "enforce_eager": True,
+        "threads": torch.get_num_threads(),
+        # The CPU invariant kernels (plugin) are not in this build yet: stock vLLM CPU ops serve.
+        "batch_invariant": "off",
+    }
+
+
+def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
+    """Environment vLLM reads at engine start; set before the engine is built."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cuda and options.invariance:
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
+
+
+def vllm_argv(options: WorkerOptions, *, dtype: str, fingerprint: str, cuda: bool) -> list[str]:
+    argv = [
+        "--model", options.model,
+        "--served-model-name", options.model_name,
+        "--host", options.host,
+        "--port", str(options.port),
+        "--dtype", dtype,
+        "--seed", str(options.seed),
+        "--tensor-parallel-size", str(options.tensor_parallel_size),
+        "--fingerprint-mode", "custom",
+        "--fingerprint-value", fingerprint,
+        "--disable-uvicorn-access-log",
+    ]
+    if options.max_model_len is not None:
+        argv += ["--max-model-len", str(options.max_model_len)]
+    if not cuda:
+        argv += ["--enforce-eager"]
+    return argv + list(options.extra_vllm_args)
+
+
+def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str], WorkerState]:
+    """Validate, fingerprint and translate the options; no engine yet (``serving`` checks the port)."""
+    cuda = cuda_available()
+    _, dtype = validate(options, cuda=cuda, check_port=serving)
+    invariance = bool(options.invariance and cuda)
+    parts = collect_parts(
+        model_dir=options.model,
+        dtype=dtype,
+        tensor_parallel_size=options.tensor_parallel_size,
+        invariance=invariance,
+        kernel_config=kernel_config(cuda=cuda, invariance=invariance),
+    )
+    fingerprint = compute_fingerprint(parts)
+    state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name)
+    if serving:
+        apply_environment(options, cuda=cuda)
+    return vllm_argv(options, dtype=dtype, fingerprint=fingerprint, cuda=cuda), state
+
+
+async def warm_up(engine_client, state: WorkerState) -> None:
+    """One real generation through the engine; only then is the worker ready."""
+    from vllm import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        async for _ in engine_client.generate({"prompt": "ready"}, params, f"invariant-warmup-{uuid.uuid4().hex}"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - report any failure as unready, with the reason
+        state.mark_failed(f"warm-up generation failed: {exc}")
+        log.error("worker not ready: warm-up generation failed: %s", exc)
+        return
+    state.mark_ready()
+    log.info("invariant worker ready: fingerprint %s", state.fingerprint)
+
+
+async def serve(argv: list[str], state: WorkerState) -> None:
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    import vllm.envs as envs
+
+    args = make_arg_parser(FlexibleArgumentParser(prog="invariant worker (vllm)")).parse_args(argv)
+    validate_parsed_serve_args(args)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    try:
+        async with build_async_engine_client(args) as engine_client:
+            supported_tasks = await engine_client.get_supported_tasks()
+            app = build_app(args, supported_tasks, engine_client.model_config)
+            app.include_router(invariant_router(state))
+            await init_app_state(engine_client, app.state, args, supported_tasks)
+            warmup = asyncio.create_task(warm_up(engine_client, state))
+            log.info("invariant worker listening on %s", listen_address)
+            shutdown = await serve_http(
+                app,
+                sock=sock,
+                enable_ssl_refresh=False,
+                host=args.host,
+                port=args.port,
+                log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log,
+                timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+            )
+            await shutdown
+            warmup.cancel()
+    finally:
+        sock.close()
+
+
+def run(options: WorkerOptions) -> None:
+    """Entry point of ``invariant worker``: validate (fast), then serve until stopped."""
+    argv, state = prepare(options)
+    print(f"invariant worker: fingerprint {state.fingerprint}", flush=True)
+
+    def _terminate(*_: Any) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    import uvloop
+
+    try:
+        uvloop.run(serve(argv, state))
+    except KeyboardInterrupt:
+        pass
