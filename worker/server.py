@@ -148,6 +148,7 @@ async def serve(argv: list[str], state: WorkerState) -> None:
 def run(options: WorkerOptions) -> None:
     """Entry point of ``invariant worker``: validate (fast), then serve until stopped."""
     argv, state = prepare(options)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
     print(f"invariant worker: fingerprint {state.fingerprint}", flush=True)
 
     def _terminate(*_: Any) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from invariant.cli import main
+
+sys.exit(main())

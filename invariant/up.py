@@ -1,0 +1,130 @@
+"""``invariant up``: everything on one machine, no cluster.
+
+The worker runs as a child process (``invariant worker``) so that ``up`` can supervise it: wait
+for real readiness, show its log on failure, and stop it cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+DEFAULT_MODEL_NAME = "qwen3-tiny-bf16-seed0"
+
+
+class UpError(RuntimeError):
+    """A failure of ``invariant up``; one line for the terminal."""
+
+
+def state_dir(explicit: str | None) -> Path:
+    root = explicit or os.environ.get("INVARIANT_HOME") or Path.home() / ".cache" / "invariant"
+    return Path(root)
+
+
+def ensure_default_model(root: Path) -> Path:
+    """The default tiny model, made once and reused (its bytes are fixed by the seed)."""
+    from invariant.modelmaker import ModelSpec, make_model
+
+    path = root / "models" / DEFAULT_MODEL_NAME
+    if (path / "config.json").is_file():
+        return path
+    print(f"making the default model in {path} ...", flush=True)
+    make_model(path, ModelSpec(), overwrite=True)
+    return path
+
+
+def worker_command(args: argparse.Namespace, model: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "invariant", "worker", "--model", str(model), "--host", args.host,
+           "--port", str(args.port), "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.served_model_name:
+        cmd += ["--served-model-name", args.served_model_name]
+    return cmd
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> dict:
+    """Poll ``/invariant/ready`` until 200; fail fast if the worker exits."""
+    deadline = time.monotonic() + timeout
+    spinner = "|/-\\"
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            tail = _tail(log_path)
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "no output")
+            raise UpError(f"the worker exited with status {code}: {last.strip()} (full log: {log_path})")
+        try:
+            resp = httpx.get(f"{url}/invariant/ready", timeout=2.0)
+            if resp.status_code == 200:
+                if sys.stderr.isatty():
+                    sys.stderr.write("\r" + " " * 60 + "\r")
+                return resp.json()
+        except httpx.HTTPError:
+            pass
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\rstarting worker {spinner[i % 4]} {time.monotonic() - started:4.0f}s")
+            sys.stderr.flush()
+        i += 1
+        time.sleep(0.5)
+    raise UpError(f"the worker was not ready within {timeout:.0f}s (log: {log_path})")
+
+
+def up(args: argparse.Namespace) -> None:
+    from invariant.worker.options import WorkerConfigError, check_port_free
+
+    root = state_dir(args.state_dir)
+    try:
+        check_port_free(args.host, args.port)
+    except WorkerConfigError as exc:
+        raise UpError(str(exc)) from exc
+    model = Path(args.model) if args.model else ensure_default_model(root)
+    if not model.exists():
+        raise UpError(f"model directory {model} does not exist: make one with `invariant model make {model}`")
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"worker-{args.port}.log"
+    url = f"http://{args.host}:{args.port}"
+    print(f"starting worker on {url} (log: {log_path})", flush=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(worker_command(args, model), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        ready = wait_ready(proc, url, log_path, args.timeout)
+        name = args.served_model_name or model.name
+        print(f"\ninvariant is up: {url}")
+        print(f"  model        {name} ({model})")
+        print(f"  fingerprint  {ready['fingerprint']}")
+        print("  try:")
+        print(f"    curl -s {url}/v1/completions -H 'Content-Type: application/json' \\")
+        print(f"      -d '{{\"model\": \"{name}\", \"prompt\": \"Tell me about reproducibility\", "
+              f"\"max_tokens\": 16, \"temperature\": 0}}'")
+        print("  stop with Ctrl-C", flush=True)
+        proc.wait()
+        if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+            raise UpError(f"the worker exited with status {proc.returncode} (log: {log_path})")
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

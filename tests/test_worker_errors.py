@@ -1,0 +1,85 @@
+"""Bad worker input fails fast with one actionable line (before vLLM is even imported)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import pytest
+
+from conftest import free_port, invariant_cli
+
+
+def run_worker(*args):
+    started = time.monotonic()
+    res = invariant_cli("worker", *args, timeout=60)
+    return res, time.monotonic() - started
+
+
+def assert_one_line_error(res, message):
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == [f"invariant: error: {message}"]
+
+
+def test_missing_model_dir(tmp_path):
+    res, took = run_worker("--model", str(tmp_path / "nope"), "--port", str(free_port()))
+    assert_one_line_error(res, f"model directory {tmp_path / 'nope'} does not exist: make one with "
+                               f"`invariant model make {tmp_path / 'nope'}`")
+    assert took < 30
+
+
+def test_not_a_checkpoint(tmp_path):
+    res, _ = run_worker("--model", str(tmp_path), "--port", str(free_port()))
+    assert_one_line_error(res, f"{tmp_path} has no config.json: it is not a Hugging Face checkpoint directory")
+
+
+def test_unsupported_architecture(tiny_model, tmp_path):
+    bad = tmp_path / "gpt2"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    res, _ = run_worker("--model", str(bad), "--port", str(free_port()))
+    assert_one_line_error(res, "unsupported architecture (GPT2LMHeadModel): invariant serves "
+                               "Qwen3ForCausalLM, LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_unsupported_dtype_on_cpu(tiny_model, dtype):
+    res, _ = run_worker("--model", str(tiny_model), "--dtype", dtype, "--port", str(free_port()))
+    assert_one_line_error(res, f"unsupported dtype {dtype!r} on the CPU: choose one of auto, bfloat16, float32")
+
+
+def test_port_in_use(tiny_model):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        res, took = run_worker("--model", str(tiny_model), "--port", str(port))
+    assert_one_line_error(res, f"port {port} on 127.0.0.1 is already in use: stop what holds it or pass --port")
+    assert took < 30
+
+
+def test_tensor_parallel_needs_cuda(tiny_model):
+    res, _ = run_worker("--model", str(tiny_model), "--tensor-parallel-size", "2", "--port", str(free_port()))
+    assert_one_line_error(res, "--tensor-parallel-size > 1 needs CUDA GPUs; the CPU worker runs with 1")
+
+
+def test_up_reports_port_in_use(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        res = invariant_cli("up", "--port", str(port), "--state-dir", str(tmp_path), timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"invariant: error: port {port} on 127.0.0.1 is already in use: stop what holds it or pass --port"
+
+
+def test_every_subcommand_has_help():
+    for args in (["--help"], ["model", "make", "--help"], ["worker", "--help"], ["fingerprint", "--help"],
+                 ["up", "--help"]):
+        res = invariant_cli(*args)
+        assert res.returncode == 0 and "usage: invariant" in res.stdout, args
