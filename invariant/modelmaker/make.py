@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 # (hidden, intermediate, layers, heads, kv_heads, head_dim)
 _SHAPES = {
     "tiny": (128, 256, 2, 4, 2, 32),
-    "small": (512, 1408, 4, 8, 4, 64),
+    "small": (1024, 2816, 4, 16, 4, 64),
 }
 
 # Sampling defaults written to generation_config.json. vLLM fills omitted request parameters from
