@@ -1,0 +1,162 @@
+"""Render a DeterministicModel's children as pure functions of its validated spec.
+
+Same spec, same manifests, byte for byte: applying them again is a no-op (server-side apply),
+and a change of any pin changes the pod template (its ``invariant.dev/pins`` label), which is
+a rollout to a new fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from invariant.operator.spec import API_GROUP, API_VERSION, KIND, ModelSpecView
+
+WORKER_PORT = 8000
+MODEL_MOUNT = "/model"
+LABEL_MODEL = f"{API_GROUP}/model"
+LABEL_PINS = f"{API_GROUP}/pins"
+ANNOTATION_PORT = f"{API_GROUP}/worker-port"
+FIELD_MANAGER = "invariant-operator"
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+DRIVER_LABELS = ("nvidia.com/cuda.driver-version.major", "nvidia.com/cuda.driver-version.minor",
+                 "nvidia.com/cuda.driver-version.revision")
+
+
+def pins_hash(view: ModelSpecView) -> str:
+    """16 hex digits over the pins and the model source: what decides the bits, as declared."""
+    m = view.model
+    payload = {"numerics": view.numerics.pins(),
+               "model": {"hf": [m.hf_repo, m.hf_revision], "pvc": [m.pvc_claim, m.pvc_path]}}
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def worker_name(view: ModelSpecView) -> str:
+    return f"{view.name}-worker"
+
+
+def selector_labels(view: ModelSpecView) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "invariant-worker", LABEL_MODEL: view.name}
+
+
+def common_labels(view: ModelSpecView) -> dict[str, str]:
+    return {**selector_labels(view), "app.kubernetes.io/managed-by": "invariant-operator",
+            "app.kubernetes.io/part-of": "invariant"}
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def node_affinity(view: ModelSpecView) -> dict[str, Any]:
+    """Require the pinned GPU product and driver, as NVIDIA GPU feature discovery labels them."""
+    parts = view.numerics.driver_version.split(".")
+    expressions = [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [view.numerics.gpu_product]}]
+    expressions += [{"key": key, "operator": "In", "values": [value]} for key, value in zip(DRIVER_LABELS, parts)]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}
+
+
+def worker_args(view: ModelSpecView) -> list[str]:
+    n = view.numerics
+    args = ["worker", "--model", MODEL_MOUNT if view.model.hf_repo else f"{MODEL_MOUNT}/{view.model.pvc_path}",
+            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--dtype", n.dtype,
+            "--served-model-name", view.model.served_name, "--tensor-parallel-size", str(n.tensor_parallel_size),
+            "--expect-gpu-product", n.gpu_product, "--expect-driver-version", n.driver_version]
+    if n.expected_fingerprint:
+        args += ["--expect-fingerprint", n.expected_fingerprint]
+    args += [f"--engine-arg={arg}" for arg in view.engine_args]
+    return args
+
+
+def _resources(view: ModelSpecView) -> dict[str, Any]:
+    gpus = str(view.numerics.tensor_parallel_size)
+    res = {k: dict(v) for k, v in view.resources.items()}
+    res.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+    res.setdefault("requests", {})["nvidia.com/gpu"] = gpus
+    return res
+
+
+def _volumes(view: ModelSpecView) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, worker mounts, init containers) for the model source."""
+    if view.model.hf_repo:
+        init = [{
+            "name": "fetch-model",
+            "image": view.numerics.image,
+            "command": ["hf", "download", view.model.hf_repo, "--revision", view.model.hf_revision,
+                        "--local-dir", MODEL_MOUNT],
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+        }]
+        return [{"name": "model", "emptyDir": {}}], [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], init
+    volumes = [{"name": "model", "persistentVolumeClaim": {"claimName": view.model.pvc_claim, "readOnly": True}}]
+    return volumes, [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], []
+
+
+def render_deployment(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, Any]:
+    pins = pins_hash(view)
+    volumes, mounts, init = _volumes(view)
+    probe = {"httpGet": {"path": "/invariant/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
+    container = {
+        "name": "worker",
+        "image": view.numerics.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["invariant"],
+        "args": worker_args(view),
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"}],
+        "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 15, "failureThreshold": 4},
+        "readinessProbe": probe,
+        "resources": _resources(view),
+        "volumeMounts": mounts + [{"name": "shm", "mountPath": "/dev/shm"}],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    pod_spec: dict[str, Any] = {
+        "affinity": node_affinity(view),
+        "containers": [container],
+        "volumes": volumes + [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+        "terminationGracePeriodSeconds": 60,
+    }
+    if init:
+        pod_spec["initContainers"] = init
+    if view.node_selector:
+        pod_spec["nodeSelector"] = dict(view.node_selector)
+    if view.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in view.tolerations]
+    labels = common_labels(view)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": worker_name(view), "namespace": view.namespace, "labels": labels,
+                     "ownerReferences": [owner_reference(owner)]},
+        "spec": {
+            "replicas": view.replicas,
+            "selector": {"matchLabels": selector_labels(view)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {**labels, LABEL_PINS: pins},
+                             "annotations": {ANNOTATION_PORT: str(WORKER_PORT)}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_service(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": worker_name(view), "namespace": view.namespace, "labels": common_labels(view),
+                     "ownerReferences": [owner_reference(owner)]},
+        "spec": {"type": "ClusterIP", "selector": selector_labels(view),
+                 "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def render_children(view: ModelSpecView, owner: dict[str, Any]) -> list[dict[str, Any]]:
+    return [render_deployment(view, owner), render_service(view, owner)]
