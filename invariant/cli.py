@@ -47,6 +47,10 @@ def _worker_options(args: argparse.Namespace):
         served_model_name=args.served_model_name,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_gib=args.kv_cache_gib,
+        extra_vllm_args=tuple(args.engine_arg or ()),
+        expect_gpu_product=args.expect_gpu_product,
+        expect_driver_version=args.expect_driver_version,
+        expect_fingerprint=args.expect_fingerprint,
     )
 
 
@@ -89,6 +93,17 @@ def _up(args: argparse.Namespace) -> None:
         raise CLIError(str(exc)) from exc
 
 
+def _operator(args: argparse.Namespace) -> None:
+    from kopf.cli import main as kopf_main
+
+    argv = ["run", "-m", "invariant.operator.handlers", "--liveness", f"http://0.0.0.0:{args.health_port}/healthz"]
+    argv += ["--all-namespaces"] if not args.namespace else [x for ns in args.namespace for x in ("--namespace", ns)]
+    argv += ["--standalone"] if args.standalone else ["--peering", args.peering]
+    if args.verbose:
+        argv.append("--verbose")
+    kopf_main(argv, standalone_mode=False)
+
+
 def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--model", required=model_required, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -127,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Serve a model with vLLM's OpenAI-compatible server, in-process, with "
                                         "the numerics fingerprint and /invariant/ready.")
     _add_worker_args(worker, model_required=True)
+    worker.add_argument("--engine-arg", action="append", metavar="--FLAG[=VALUE]",
+                        help="extra vLLM engine argument from the allow-list (repeatable), e.g. --engine-arg=--max-num-seqs=64")
+    worker.add_argument("--expect-gpu-product", help="pinned GPU product (GFD label form); unready if it differs")
+    worker.add_argument("--expect-driver-version", help="pinned NVIDIA driver version; unready if it differs")
+    worker.add_argument("--expect-fingerprint", help="pinned numerics fingerprint; unready if it differs")
     worker.set_defaults(func=_worker)
 
     fp = sub.add_parser("fingerprint", help="print the numerics fingerprint a worker would serve",
@@ -136,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--tensor-parallel-size", type=int, default=1)
     fp.add_argument("--json", action="store_true", help="print all parts as JSON")
     fp.set_defaults(func=_fingerprint)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator for DeterministicModel resources",
+                        description="Run the kopf operator: renders worker Deployments and Services, folds worker "
+                                    "fingerprints into DeterministicModel status.")
+    op.add_argument("--namespace", action="append", help="namespace to watch (repeatable; default: all)")
+    op.add_argument("--peering", default="invariant-operator",
+                    help="kopf peering name: of several replicas only the highest-priority one acts")
+    op.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
+    op.add_argument("--health-port", type=int, default=8080, help="liveness endpoint port (/healthz)")
+    op.add_argument("--verbose", action="store_true")
+    op.set_defaults(func=_operator)
 
     up = sub.add_parser("up", help="run everything on this machine (makes a default model if needed)",
                         description="Make the default tiny model if no --model is given, start the worker, wait "

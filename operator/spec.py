@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from invariant.engine_args import engine_arg_errors
+
 API_GROUP = "invariant.dev"
 API_VERSION = "v1alpha1"
 KIND = "DeterministicModel"
@@ -24,32 +26,6 @@ FINGERPRINT = re.compile(r"^inv-[0-9a-f]{16}$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
 DTYPES = ("bfloat16", "float16", "float32")
 SHARING = ("tenant", "shared")
-
-# Engine arguments a user may add. Everything else is refused: numerics come from spec.numerics, and
-# options such as speculative decoding, quantization or a KV-cache dtype change or break the bits.
-ENGINE_ARG_ALLOW = {
-    "--max-model-len": "int",
-    "--max-num-seqs": "int",
-    "--max-num-batched-tokens": "int",
-    "--gpu-memory-utilization": "float",
-    "--enable-prefix-caching": "flag",
-    "--no-enable-prefix-caching": "flag",
-    "--enable-chunked-prefill": "flag",
-    "--swap-space": "float",
-}
-# Named so the refusal can say why, not only "not allowed".
-ENGINE_ARG_WHY = {
-    "--dtype": "the dtype is a pin: set spec.numerics.dtype",
-    "--tensor-parallel-size": "tensor parallelism is a pin: set spec.numerics.tensorParallelSize",
-    "--model": "the model comes from spec.model",
-    "--served-model-name": "the served name comes from spec.model.servedName",
-    "--quantization": "quantization changes the numerics: ship a quantized checkpoint as the model",
-    "--kv-cache-dtype": "a KV-cache dtype changes the numerics",
-    "--speculative-config": "speculative decoding breaks batch invariance",
-    "--enforce-eager": "the compile mode is part of the worker image's numerics",
-    "--seed": "the seed is fixed by the worker",
-}
-
 
 class SpecError(ValueError):
     """The spec is refused; ``errors`` holds one sentence per problem."""
@@ -97,35 +73,6 @@ class ModelSpecView:
     engine_args: tuple[str, ...] = ()
     cache_ttl_seconds: int = 86400
     cache_sharing: str = "tenant"
-
-
-def _engine_arg_errors(args: list[Any]) -> list[str]:
-    errors = []
-    for arg in args:
-        if not isinstance(arg, str):
-            errors.append(f"engine arg {arg!r} must be a string")
-            continue
-        flag, eq, value = arg.partition("=")
-        if flag in ENGINE_ARG_WHY:
-            errors.append(f"engine arg {flag} is refused: {ENGINE_ARG_WHY[flag]}")
-            continue
-        kind = ENGINE_ARG_ALLOW.get(flag)
-        if kind is None:
-            errors.append(f"engine arg {flag} is not in the allow-list ({', '.join(sorted(ENGINE_ARG_ALLOW))})")
-        elif kind == "flag" and eq:
-            errors.append(f"engine arg {flag} takes no value")
-        elif kind != "flag":
-            if not eq:
-                errors.append(f"engine arg {flag} needs a value: write {flag}=VALUE")
-                continue
-            try:
-                number = int(value) if kind == "int" else float(value)
-            except ValueError:
-                errors.append(f"engine arg {flag} needs a{'n integer' if kind == 'int' else ' number'}, got {value!r}")
-                continue
-            if number <= 0:
-                errors.append(f"engine arg {flag} must be positive, got {value}")
-    return errors
 
 
 def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecView:
@@ -182,7 +129,7 @@ def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecV
     if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 64:
         errors.append(f"spec.replicas {replicas!r} must be an integer from 0 to 64")
     engine_args = list(spec.get("engineArgs") or [])
-    errors += _engine_arg_errors(engine_args)
+    errors += engine_arg_errors(engine_args)
     cache = spec.get("cache") or {}
     ttl = cache.get("ttlSeconds", 86400)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:

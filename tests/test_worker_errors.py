@@ -83,3 +83,9 @@ def test_every_subcommand_has_help():
                  ["up", "--help"]):
         res = invariant_cli(*args)
         assert res.returncode == 0 and "usage: invariant" in res.stdout, args
+
+
+def test_engine_arg_that_breaks_invariance_is_refused(tiny_model):
+    res, _ = run_worker("--model", str(tiny_model), "--port", str(free_port()),
+                        "--engine-arg=--speculative-config={}")
+    assert_one_line_error(res, "engine arg --speculative-config is refused: speculative decoding breaks batch invariance")

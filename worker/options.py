@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from invariant.engine_args import engine_arg_errors
+
 # The architectures our invariant kernels and canary are written and tested for.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
 CPU_DTYPES = ("bfloat16", "float32")
@@ -35,6 +37,11 @@ class WorkerOptions:
     kv_cache_gib: float = 1.0
     seed: int = 0
     extra_vllm_args: tuple[str, ...] = field(default_factory=tuple)
+    # Pins declared by whoever deployed this worker (the operator); readiness is refused when what
+    # the worker observes disagrees, so a mis-scheduled pod never serves under the wrong name.
+    expect_gpu_product: str | None = None
+    expect_driver_version: str | None = None
+    expect_fingerprint: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -106,6 +113,32 @@ def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> 
         raise WorkerConfigError("--tensor-parallel-size must be at least 1")
     if not cuda and options.tensor_parallel_size != 1:
         raise WorkerConfigError("--tensor-parallel-size > 1 needs CUDA GPUs; the CPU worker runs with 1")
+    problems = engine_arg_errors(list(options.extra_vllm_args))
+    if problems:
+        raise WorkerConfigError(problems[0])
     if check_port:
         check_port_free(options.host, options.port)
     return model_config, dtype
+
+
+def gfd_product(name: str) -> str:
+    """A CUDA device name as NVIDIA GPU feature discovery labels it ("NVIDIA H100 80GB HBM3" ->
+    "NVIDIA-H100-80GB-HBM3")."""
+    return "-".join(name.split())
+
+
+def pin_disagreements(options: WorkerOptions, parts: dict, fingerprint: str) -> list[str]:
+    """What this worker observes that contradicts its declared pins (empty: all agree)."""
+    device = parts.get("device", {})
+    problems = []
+    if options.expect_gpu_product:
+        observed = gfd_product(device["name"]) if device.get("kind") == "cuda" else f"no GPU ({device.get('model')})"
+        if observed != options.expect_gpu_product:
+            problems.append(f"GPU product is {observed}, pinned {options.expect_gpu_product}")
+    if options.expect_driver_version:
+        observed = device.get("driver", "none (no GPU)")
+        if observed != options.expect_driver_version:
+            problems.append(f"driver is {observed}, pinned {options.expect_driver_version}")
+    if options.expect_fingerprint and fingerprint != options.expect_fingerprint:
+        problems.append(f"numerics fingerprint is {fingerprint}, pinned {options.expect_fingerprint}")
+    return problems

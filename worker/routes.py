@@ -18,11 +18,13 @@ class WorkerState:
     fingerprint: str
     parts: dict[str, Any]
     model_name: str
+    pin_problems: list[str] = field(default_factory=list)
     ready: bool = False
     reasons: list[str] = field(default_factory=lambda: ["starting: warm-up generation has not finished"])
 
     def mark_ready(self) -> None:
-        self.ready, self.reasons = True, []
+        """Ready only if the observed numerics agree with the declared pins."""
+        self.ready, self.reasons = not self.pin_problems, [f"pin mismatch: {p}" for p in self.pin_problems]
 
     def mark_failed(self, reason: str) -> None:
         self.ready, self.reasons = False, [reason]

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from invariant.worker.fingerprint import collect_parts, compute_fingerprint
-from invariant.worker.options import WorkerOptions, validate
+from invariant.worker.options import WorkerOptions, pin_disagreements, validate
 from invariant.worker.routes import WorkerState, invariant_router
 
 log = logging.getLogger("invariant.worker")
@@ -87,7 +87,8 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
         kernel_config=kernel_config(cuda=cuda, invariance=invariance),
     )
     fingerprint = compute_fingerprint(parts)
-    state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name)
+    state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name,
+                        pin_problems=pin_disagreements(options, parts, fingerprint))
     if serving:
         apply_environment(options, cuda=cuda)
     return vllm_argv(options, dtype=dtype, fingerprint=fingerprint, cuda=cuda), state

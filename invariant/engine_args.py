@@ -1,0 +1,60 @@
+"""Which extra vLLM engine arguments may be passed, shared by the operator (spec validation) and
+the worker (start-up refusal), so the two can never disagree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Engine arguments a user may add. Everything else is refused: numerics come from spec.numerics, and
+# options such as speculative decoding, quantization or a KV-cache dtype change or break the bits.
+ENGINE_ARG_ALLOW = {
+    "--max-model-len": "int",
+    "--max-num-seqs": "int",
+    "--max-num-batched-tokens": "int",
+    "--gpu-memory-utilization": "float",
+    "--enable-prefix-caching": "flag",
+    "--no-enable-prefix-caching": "flag",
+    "--enable-chunked-prefill": "flag",
+    "--swap-space": "float",
+}
+# Named so the refusal can say why, not only "not allowed".
+ENGINE_ARG_WHY = {
+    "--dtype": "the dtype is a pin (spec.numerics.dtype, or the worker's --dtype)",
+    "--tensor-parallel-size": "tensor parallelism is a pin (spec.numerics.tensorParallelSize, or the worker's --tensor-parallel-size)",
+    "--model": "the model comes from spec.model (or the worker's --model)",
+    "--served-model-name": "the served name comes from spec.model.servedName (or the worker's --served-model-name)",
+    "--quantization": "quantization changes the numerics: ship a quantized checkpoint as the model",
+    "--kv-cache-dtype": "a KV-cache dtype changes the numerics",
+    "--speculative-config": "speculative decoding breaks batch invariance",
+    "--enforce-eager": "the compile mode is part of the worker image's numerics",
+    "--seed": "the seed is fixed by the worker",
+}
+
+
+def engine_arg_errors(args: list[Any]) -> list[str]:
+    errors = []
+    for arg in args:
+        if not isinstance(arg, str):
+            errors.append(f"engine arg {arg!r} must be a string")
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag in ENGINE_ARG_WHY:
+            errors.append(f"engine arg {flag} is refused: {ENGINE_ARG_WHY[flag]}")
+            continue
+        kind = ENGINE_ARG_ALLOW.get(flag)
+        if kind is None:
+            errors.append(f"engine arg {flag} is not in the allow-list ({', '.join(sorted(ENGINE_ARG_ALLOW))})")
+        elif kind == "flag" and eq:
+            errors.append(f"engine arg {flag} takes no value")
+        elif kind != "flag":
+            if not eq:
+                errors.append(f"engine arg {flag} needs a value: write {flag}=VALUE")
+                continue
+            try:
+                number = int(value) if kind == "int" else float(value)
+            except ValueError:
+                errors.append(f"engine arg {flag} needs a{'n integer' if kind == 'int' else ' number'}, got {value!r}")
+                continue
+            if number <= 0:
+                errors.append(f"engine arg {flag} must be positive, got {value}")
+    return errors

@@ -1,0 +1,86 @@
+"""kopf handlers: thin I/O around the pure parts (spec, render, status).
+
+- create / update / resume: validate, render, server-side apply the children; an invalid spec is
+  reported as a status condition, never half-applied.
+- a timer folds the worker pods and the fingerprints their workers report into status.
+- delete: the children go with their owner (ownerReferences); the handler records it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from invariant.operator import kube
+from invariant.operator.render import LABEL_MODEL, pins_hash, render_children
+from invariant.operator.spec import API_GROUP, API_VERSION, PLURAL, SpecError, parse_spec
+from invariant.operator.status import fold_status, invalid_status, pod_view
+
+STATUS_INTERVAL = float(os.environ.get("INVARIANT_OPERATOR_STATUS_INTERVAL", "10"))
+FINGERPRINT_TIMEOUT = float(os.environ.get("INVARIANT_OPERATOR_FINGERPRINT_TIMEOUT", "3"))
+log = logging.getLogger("invariant.operator")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration")
+    # Without these, a watch that the network silently drops stalls forever.
+    settings.watching.server_timeout = int(os.environ.get("INVARIANT_OPERATOR_WATCH_TIMEOUT", "300"))
+    settings.watching.client_timeout = settings.watching.server_timeout + 30
+    settings.posting.level = logging.WARNING
+    kube.load_config()
+
+
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
+def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, status: kopf.Status,
+              patch: kopf.Patch, **_: Any) -> None:
+    try:
+        view = parse_spec(name, namespace, dict(spec))
+    except SpecError as exc:
+        log.warning("DeterministicModel %s/%s refused: %s", namespace, name, exc)
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        patch.status.update(invalid_status(dict(status), exc.errors, meta.get("generation", 0), _now()))
+        return
+    owner = {"metadata": {"name": name, "uid": meta["uid"]}}
+    for manifest in render_children(view, owner):
+        kube.apply(manifest)
+    patch.status["observedGeneration"] = meta.get("generation", 0)
+    patch.status["pinsHash"] = pins_hash(view)
+    if status.get("phase") in (None, "Invalid"):
+        patch.status["phase"] = "Progressing"
+
+
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=STATUS_INTERVAL, initial_delay=min(1.0, STATUS_INTERVAL))
+def fold(spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+         **_: Any) -> None:
+    try:
+        view = parse_spec(name, namespace, dict(spec))
+    except SpecError:
+        return  # reconcile() already reported it
+    pods = [pod_view(p) for p in kube.list_pods(namespace, f"{LABEL_MODEL}={name}")]
+    observed = {p.name: kube.fetch_fingerprint(p.url, FINGERPRINT_TIMEOUT) for p in pods if p.ready and p.url}
+    new = fold_status(previous=dict(status), generation=meta.get("generation", 0), desired_replicas=view.replicas,
+                      pins=pins_hash(view), expected_fingerprint=view.numerics.expected_fingerprint, pods=pods,
+                      observed=observed, now=_now())
+    current = {k: status.get(k) for k in new}
+    if current != new:
+        patch.status.update(new)
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+def deleted(name: str, namespace: str, **_: Any) -> None:
+    # Deployment and Service carry ownerReferences: Kubernetes' garbage collector removes them.
+    log.info("DeterministicModel %s/%s deleted; its workers go with it", namespace, name)

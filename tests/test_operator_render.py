@@ -1,0 +1,141 @@
+"""Spec -> manifests, as pure functions: table-driven, refusals included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from invariant.operator.render import (ANNOTATION_PORT, LABEL_PINS, pins_hash, render_children,
+                                       render_deployment, render_service)
+from invariant.operator.spec import SpecError, parse_spec
+from operator_cases import DELETE, DIGEST, IMAGE, dm_spec
+
+OWNER = {"metadata": {"name": "qwen", "uid": "1234-uid"}}
+
+
+def render(spec, name="qwen"):
+    return render_children(parse_spec(name, "models", spec), OWNER)
+
+
+def test_deployment_carries_every_pin():
+    dep, svc = render(dm_spec())
+    pod = dep["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    assert worker["image"] == IMAGE and dep["spec"]["replicas"] == 2
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {e["key"]: e["values"] for e in terms[0]["matchExpressions"]} == {
+        "nvidia.com/gpu.product": ["NVIDIA-H100-80GB-HBM3"],
+        "nvidia.com/cuda.driver-version.major": ["580"],
+        "nvidia.com/cuda.driver-version.minor": ["95"],
+        "nvidia.com/cuda.driver-version.revision": ["05"],
+    }
+    args = worker["args"]
+    for flag, value in [("--dtype", "bfloat16"), ("--tensor-parallel-size", "1"), ("--served-model-name", "qwen3-8b"),
+                        ("--expect-gpu-product", "NVIDIA-H100-80GB-HBM3"), ("--expect-driver-version", "580.95.05")]:
+        assert args[args.index(flag) + 1] == value
+    assert "--engine-arg=--max-model-len=8192" in args
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/invariant/ready"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    init = pod["initContainers"][0]
+    assert init["command"][:3] == ["hf", "download", "Qwen/Qwen3-8B"] and "0123456789abcdef0123456789abcdef01234567" in init["command"]
+    assert dep["metadata"]["ownerReferences"] == [{"apiVersion": "invariant.dev/v1alpha1", "kind": "DeterministicModel",
+                                                   "name": "qwen", "uid": "1234-uid", "controller": True,
+                                                   "blockOwnerDeletion": True}]
+    assert dep["spec"]["template"]["metadata"]["annotations"][ANNOTATION_PORT] == "8000"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["metadata"]["ownerReferences"] == dep["metadata"]["ownerReferences"]
+
+
+def test_rendering_is_a_pure_function():
+    assert json.dumps(render(dm_spec()), sort_keys=True) == json.dumps(render(dm_spec()), sort_keys=True)
+
+
+@pytest.mark.parametrize("change", [
+    {"numerics.image": f"registry.example.com/invariant/worker@sha256:{'cd' * 32}"},
+    {"numerics.gpuProduct": "NVIDIA-H200"},
+    {"numerics.driverVersion": "580.95.06"},
+    {"numerics.dtype": "float16"},
+    {"numerics.tensorParallelSize": 2},
+    {"model.huggingFace.revision": "f" * 40},
+])
+def test_every_pin_change_is_a_rollout(change):
+    before = render(dm_spec())[0]["spec"]["template"]["metadata"]["labels"][LABEL_PINS]
+    after = render(dm_spec(**change))[0]["spec"]["template"]["metadata"]["labels"][LABEL_PINS]
+    assert before != after
+
+
+@pytest.mark.parametrize("change", [{"replicas": 5}, {"cache.ttlSeconds": 10}, {"engineArgs": ["--max-num-seqs=8"]}])
+def test_non_pins_do_not_change_the_pins_hash(change):
+    assert pins_hash(parse_spec("q", "ns", dm_spec())) == pins_hash(parse_spec("q", "ns", dm_spec(**change)))
+
+
+def test_pvc_source_mounts_the_claim_read_only():
+    spec = dm_spec(**{"model.huggingFace": DELETE, "model.pvc": {"claimName": "models", "path": "qwen3-8b"}})
+    dep = render_deployment(parse_spec("qwen", "models", spec), OWNER)
+    pod = dep["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/model/qwen3-8b"
+
+
+def test_node_selector_tolerations_resources_and_expected_fingerprint():
+    spec = dm_spec(**{"nodeSelector": {"pool": "h100"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                      "resources": {"limits": {"memory": "64Gi"}}, "numerics.tensorParallelSize": 2,
+                      "numerics.expectedFingerprint": "inv-0123456789abcdef"})
+    pod = render_deployment(parse_spec("qwen", "models", spec), OWNER)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["containers"][0]["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "2"}
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--expect-fingerprint") + 1] == "inv-0123456789abcdef"
+
+
+REFUSALS = [
+    ({"numerics.image": "registry.example.com/invariant/worker:0.1.0"},
+     "spec.numerics.image 'registry.example.com/invariant/worker:0.1.0' must be pinned by digest (repo@sha256:...): a tag can move"),
+    ({"numerics.image": "registry.example.com/invariant/worker@sha256:abc"},
+     "spec.numerics.image 'registry.example.com/invariant/worker@sha256:abc' has a malformed digest: expected @sha256: and 64 hex digits"),
+    ({"engineArgs": ["--speculative-config={}"]},
+     "engine arg --speculative-config is refused: speculative decoding breaks batch invariance"),
+    ({"engineArgs": ["--kv-cache-dtype=fp8"]}, "engine arg --kv-cache-dtype is refused: a KV-cache dtype changes the numerics"),
+    ({"engineArgs": ["--dtype=float16"]}, "engine arg --dtype is refused: the dtype is a pin (spec.numerics.dtype, or the worker's --dtype)"),
+    ({"engineArgs": ["--frobnicate"]}, "engine arg --frobnicate is not in the allow-list (--enable-chunked-prefill, "
+     "--enable-prefix-caching, --gpu-memory-utilization, --max-model-len, --max-num-batched-tokens, --max-num-seqs, "
+     "--no-enable-prefix-caching, --swap-space)"),
+    ({"engineArgs": ["--max-model-len"]}, "engine arg --max-model-len needs a value: write --max-model-len=VALUE"),
+    ({"engineArgs": ["--max-num-seqs=lots"]}, "engine arg --max-num-seqs needs an integer, got 'lots'"),
+    ({"replicas": -1}, "spec.replicas -1 must be an integer from 0 to 64"),
+    ({"replicas": "two"}, "spec.replicas 'two' must be an integer from 0 to 64"),
+    ({"replicas": 65}, "spec.replicas 65 must be an integer from 0 to 64"),
+    ({"model.huggingFace.revision": "main"},
+     "spec.model.huggingFace.revision 'main' must be a 40-hex commit hash: a branch or tag can move"),
+    ({"model.pvc": {"claimName": "models", "path": "x"}}, "spec.model needs exactly one of huggingFace or pvc"),
+    ({"numerics.driverVersion": "latest"}, "spec.numerics.driverVersion 'latest' must look like 580.95.05"),
+    ({"numerics.dtype": "int8"}, "spec.numerics.dtype 'int8' must be one of bfloat16, float16, float32"),
+    ({"numerics.tensorParallelSize": 0}, "spec.numerics.tensorParallelSize 0 must be an integer from 1 to 8"),
+    ({"numerics.expectedFingerprint": "vllm-0.32.0"},
+     "spec.numerics.expectedFingerprint 'vllm-0.32.0' must look like inv- and 16 hex digits"),
+    ({"cache.sharing": "everyone"}, "spec.cache.sharing 'everyone' must be one of tenant, shared"),
+]
+
+
+@pytest.mark.parametrize("change,message", REFUSALS, ids=[m[:40] for _, m in REFUSALS])
+def test_refusals(change, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec("qwen", "models", dm_spec(**change))
+    assert err.value.errors == [message]
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(SpecError) as err:
+        parse_spec("Bad_Name", "ns", dm_spec(**{"replicas": -1, "numerics.image": "w:1"}))
+    assert len(err.value.errors) == 3
+
+
+def test_service_only_depends_on_name():
+    svc = render_service(parse_spec("qwen", "models", dm_spec()), OWNER)
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert DIGEST not in json.dumps(svc)
