@@ -42,6 +42,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, then $KUBECONFIG (read now, not at import time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
@@ -58,7 +64,6 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta:
     for manifest in render_children(view, owner):
         kube.apply(manifest)
     patch.status["observedGeneration"] = meta.get("generation", 0)
-    patch.status["pinsHash"] = pins_hash(view)
     if status.get("phase") in (None, "Invalid"):
         patch.status["phase"] = "Progressing"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import httpx
@@ -19,7 +20,8 @@ def load_config() -> None:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # Read KUBECONFIG now: the client's own default is frozen when it is first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
 def apply(manifest: dict[str, Any]) -> None:
@@ -27,7 +29,7 @@ def apply(manifest: dict[str, Any]) -> None:
     from kubernetes import client
 
     meta = manifest["metadata"]
-    body = json.dumps(manifest)  # JSON is YAML; the client sends strings as they are
+    body = manifest  # the client serialises +yaml bodies as JSON, which is valid YAML
     kwargs = dict(field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml")
     if manifest["kind"] == "Deployment":
         client.AppsV1Api().patch_namespaced_deployment(meta["name"], meta["namespace"], body, **kwargs)

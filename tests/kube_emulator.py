@@ -54,6 +54,47 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+def _as_replacement(old: Any, new: Any) -> Any:
+    """A merge patch that turns ``old`` into ``new`` (keys absent from ``new`` become None, i.e. removed)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**{k: None for k in old if k not in new},
+                **{k: _as_replacement(old.get(k), v) if k in old else v for k, v in new.items()}}
+    return new
+
+
+def _apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 (add, replace, remove, test) on a copy; kopf uses it for finalizers."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+        parent = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent.setdefault(part, {})
+        last = parts[-1]
+        if op["op"] == "test":
+            current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if current != op["value"]:
+                raise kmock.KubernetesError(status=409, reason="Conflict",
+                                            message=f"the test of {op['path']} failed: the object has been modified")
+        elif op["op"] in ("add", "replace"):
+            if isinstance(parent, list):
+                index = len(parent) if last == "-" else int(last)
+                if op["op"] == "add":
+                    parent.insert(index, op["value"])
+                else:
+                    parent[index] = op["value"]
+            else:
+                parent[last] = op["value"]
+        elif op["op"] == "remove":
+            if isinstance(parent, list):
+                del parent[int(last)]
+            else:
+                parent.pop(last, None)
+        else:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"unsupported op {op['op']}")
+    return doc
+
+
 @attrs.define(kw_only=True)
 class ClusterEmulator(kmock.KubernetesEmulator):
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -88,6 +129,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return attrs.evolve(request, data=data)
 
     def _prepare_update(self, request: rendering.Request, current, *, replace: bool) -> rendering.Request:
+        if isinstance(request.data, list):  # JSON Patch: apply it, then write the result as a replacement
+            patched = _apply_json_patch(current.raw, request.data)
+            patched.setdefault("metadata", {})["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
+            request = attrs.evolve(request, data=patched)
+            replace = True
         data = copy.deepcopy(request.data or {})
         meta_in = data.get("metadata") or {}
         cur_meta = current.get("metadata", {})
@@ -102,9 +148,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         elif status_sub:
             data.pop("status", None)
         if replace and request.subresource is None:
-            for key in current.raw:
-                if key not in data and key not in ("metadata", "status"):
-                    data[key] = None
+            for key, old in current.raw.items():
+                if key != "status":
+                    data[key] = _as_replacement(old, data.get(key))
         meta = data.setdefault("metadata", {})
         for fixed in ("uid", "creationTimestamp", "generation"):
             meta.pop(fixed, None)
@@ -196,6 +242,13 @@ def register_resources(emulator: ClusterEmulator) -> None:
     emulator.resources["v1/pods"] = kmock.ResourceInfo(
         kind="Pod", singular="pod", namespaced=True,
         verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"})
+    # kopf watches CRDs to notice new resources; a real cluster always serves them.
+    emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
+        verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"})
+    # kopf waits for the namespaces resource to be discoverable, even when it watches cluster-wide.
+    emulator.resources["v1/namespaces"] = kmock.ResourceInfo(
+        kind="Namespace", singular="namespace", namespaced=False, verbs={"get", "list", "watch"})
     emulator.resources["v1/events"] = kmock.ResourceInfo(
         kind="Event", singular="event", namespaced=True, verbs={"create", "get", "list", "patch"})
 
