@@ -93,6 +93,18 @@ def _up(args: argparse.Namespace) -> None:
         raise CLIError(str(exc)) from exc
 
 
+def _gateway(args: argparse.Namespace) -> None:
+    from invariant.gateway.server import GatewayConfigError, run
+    from invariant.worker.options import WorkerConfigError, check_port_free
+
+    try:
+        check_port_free(args.host, args.port)
+        run(host=args.host, port=args.port, model_flags=args.model or [], redis_url=args.redis_url,
+            config_file=args.config, api_keys_file=args.api_keys)
+    except (GatewayConfigError, WorkerConfigError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def _operator(args: argparse.Namespace) -> None:
     from kopf.cli import main as kopf_main
 
@@ -156,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--tensor-parallel-size", type=int, default=1)
     fp.add_argument("--json", action="store_true", help="print all parts as JSON")
     fp.set_defaults(func=_fingerprint)
+
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway with the exact cache",
+                        description="Run the gateway: OpenAI-compatible API in front of workers, with an exact "
+                                    "Redis cache keyed on the numerics fingerprint and the resolved request.")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument("--model", action="append", metavar="NAME=URL",
+                    help="served model name and a worker base URL (repeatable; several URLs per name allowed)")
+    gw.add_argument("--redis-url", default=None, help="redis://... (default: start an embedded Redis)")
+    gw.add_argument("--config", default=None, help="JSON or YAML file: models, redis_url, api_keys_file")
+    gw.add_argument("--api-keys", default=None, help="JSON file of hashed API keys -> tenants (default: no auth)")
+    gw.set_defaults(func=_gateway)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator for DeterministicModel resources",
                         description="Run the kopf operator: renders worker Deployments and Services, folds worker "

@@ -19,6 +19,9 @@ class WorkerState:
     parts: dict[str, Any]
     model_name: str
     pin_problems: list[str] = field(default_factory=list)
+    # The sampling parameters vLLM fills in when a request omits them (from generation_config):
+    # the gateway needs them to key an omitted parameter and its explicit default alike.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     ready: bool = False
     reasons: list[str] = field(default_factory=lambda: ["starting: warm-up generation has not finished"])
 
@@ -35,7 +38,8 @@ def invariant_router(state: WorkerState) -> APIRouter:
 
     @router.get("/fingerprint")
     async def fingerprint() -> dict[str, Any]:
-        return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts}
+        return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts,
+                "sampling_defaults": state.sampling_defaults}
 
     @router.get("/ready")
     async def ready() -> JSONResponse:

@@ -126,6 +126,7 @@ async def serve(argv: list[str], state: WorkerState) -> None:
         async with build_async_engine_client(args) as engine_client:
             supported_tasks = await engine_client.get_supported_tasks()
             app = build_app(args, supported_tasks, engine_client.model_config)
+            state.sampling_defaults = dict(engine_client.model_config.get_diff_sampling_param())
             app.include_router(invariant_router(state))
             await init_app_state(engine_client, app.state, args, supported_tasks)
             warmup = asyncio.create_task(warm_up(engine_client, state))

@@ -1,0 +1,364 @@
+"""The gateway's HTTP edge: OpenAI-compatible routes around the pure key and record logic.
+
+A request's life: authenticate -> resolve (defaults filled as the worker would) -> pick a healthy
+worker (its fingerprint is part of the key) -> look up each choice's entry -> answer from the
+records, or generate the missing choices once (single flight) and store them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from invariant.gateway.auth import KeyStore, Tenant
+from invariant.gateway.keys import RequestError, Resolved, bypass_reason, key_for_choice, resolve, store_allowed
+from invariant.gateway.metrics import Metrics
+from invariant.gateway.records import Record, covers, etag, record_from_choice, render_response, render_stream, truncate
+from invariant.gateway.store import Store
+from invariant.gateway.upstream import Endpoint, UpstreamError, UpstreamRejected, Upstreams
+
+log = logging.getLogger("invariant.gateway")
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass
+class ModelPolicy:
+    ttl_seconds: int = 86400
+    sharing: str = "tenant"  # or "shared": one namespace for all tenants (explicit opt-in)
+
+
+@dataclass
+class GatewayConfig:
+    models: dict[str, list[str]]
+    redis_url: str
+    policies: dict[str, ModelPolicy] = field(default_factory=dict)
+    api_keys: KeyStore = field(default_factory=lambda: KeyStore(None))
+    redis_timeout: float = 0.05
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 32768
+    lock_ttl_ms: int = 600_000
+    check_interval: float = 5.0
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+                 headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class RateLimiter:
+    """Token bucket per tenant, per gateway replica."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, tenant: Tenant) -> bool:
+        if not tenant.rate_per_minute:
+            return True
+        now = time.monotonic()
+        rate = tenant.rate_per_minute / 60.0
+        tokens, last = self._buckets.get(tenant.name, (float(tenant.rate_per_minute), now))
+        tokens = min(float(tenant.rate_per_minute), tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[tenant.name] = (tokens, now)
+            return False
+        self._buckets[tenant.name] = (tokens - 1, now)
+        return True
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout)
+        self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
+        self.limiter = RateLimiter()
+        self._inflight: dict[str, asyncio.Task] = {}
+
+    # --- generation -----------------------------------------------------------------------------
+    def upstream_body(self, resolved: Resolved, body: dict[str, Any], choice: int) -> dict[str, Any]:
+        """The request one choice is generated with: n=1, seed + choice, token ids and per-token
+        logprobs on (they only report; the tokens do not change)."""
+        up = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        up["n"] = 1
+        if resolved.seed is not None and not resolved.greedy:
+            up["seed"] = resolved.seed + choice
+        up["return_token_ids"] = True
+        if resolved.kind == "completions":
+            if up.get("logprobs") is None:
+                up["logprobs"] = 0
+        elif not up.get("logprobs"):
+            up["logprobs"], up["top_logprobs"] = True, 0
+        return up
+
+    async def generate(self, ep: Endpoint, resolved: Resolved, body: dict[str, Any], choice: int) -> Record:
+        started = time.perf_counter()
+        try:
+            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, body, choice))
+        except (UpstreamError, UpstreamRejected):
+            self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+            raise
+        self.metrics.upstream_calls.labels(resolved.model, "ok").inc()
+        self.metrics.upstream_latency.labels(resolved.model).observe(time.perf_counter() - started)
+        usage = data.get("usage") or {}
+        return record_from_choice(resolved.kind, data["choices"][0], usage.get("prompt_tokens", 0),
+                                  data["system_fingerprint"], data.get("created", int(time.time())))
+
+    async def generate_with_retry(self, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
+                                  choice: int) -> Record:
+        """Try replicas of the same fingerprint in turn; a different fingerprint is another key."""
+        fingerprint = candidates[0].fingerprint
+        last: UpstreamError | None = None
+        for ep in [c for c in candidates if c.fingerprint == fingerprint]:
+            try:
+                return await self.generate(ep, resolved, body, choice)
+            except UpstreamError as exc:
+                last = exc
+                log.warning("retrying on another replica: %s", exc.message)
+        raise last or UpstreamError(503, "no healthy worker")
+
+    async def fill(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
+                   choice: int, ttl: int, store: bool) -> tuple[Record, str]:
+        """Generate one entry once across concurrent requests (here and on other replicas).
+
+        Returns the record and how this caller got it: MISS (it led) or COALESCED (it followed).
+        The generation runs in its own task: a leader's client hanging up does not cancel it.
+        """
+        task = self._inflight.get(key)
+        if task is not None:
+            return await asyncio.shield(task), "COALESCED"
+        token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
+        if token is None:  # another replica generates: wait for its entry
+            record = await self._await_peer(key, resolved.max_tokens)
+            if record is not None:
+                return record, "COALESCED"
+            token = "local"
+
+        async def lead() -> Record:
+            try:
+                record = await self.generate_with_retry(candidates, resolved, body, choice)
+                if store:
+                    await self.store.put(key, record, ttl)
+                return record
+            finally:
+                self._inflight.pop(key, None)
+                if store and token != "local":
+                    await self.store.unlock(key, token)
+
+        task = asyncio.get_running_loop().create_task(lead())
+        self._inflight[key] = task
+        return await asyncio.shield(task), "MISS"
+
+    async def _await_peer(self, key: str, max_tokens: int | None) -> Record | None:
+        deadline = time.monotonic() + self.config.lock_ttl_ms / 1000
+        delay = 0.01
+        while time.monotonic() < deadline:
+            record, ok = await self.store.get(key)
+            if record is not None and covers(record, max_tokens):
+                return record
+            if not ok:
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        return None
+
+    # --- requests ---------------------------------------------------------------------------------
+    async def handle(self, kind: str, request: Request) -> Response:
+        endpoint = PATHS[kind]
+        response = await self._handle(kind, request)
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def _handle(self, kind: str, request: Request) -> Response:
+        tenant = self.config.api_keys.tenant_for(request.headers.get("authorization"))
+        if tenant is None:
+            return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
+        if not self.limiter.allow(tenant):
+            return openai_error(429, "Rate limit reached for this API key.", "rate_limit_error", "rate_limit_exceeded")
+        raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            return openai_error(413, f"Request body exceeds {self.config.max_body_bytes} bytes.",
+                                "invalid_request_error", "request_too_large")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
+        if not isinstance(body, dict):
+            return openai_error(400, "The request body must be a JSON object.", "invalid_request_error")
+        model = body.get("model")
+        if model not in self.upstreams.models:
+            return openai_error(404, f"The model `{model}` does not exist.", "invalid_request_error",
+                                "model_not_found", "model")
+        candidates = self.upstreams.candidates(model)
+        if not candidates:
+            return openai_error(503, f"No worker for `{model}` is ready.", "server_error", "model_unavailable")
+        ep = candidates[0]
+        try:
+            resolved = resolve(kind, body, ep.defaults)
+        except RequestError as exc:
+            return openai_error(400, str(exc), "invalid_request_error")
+        if resolved.max_tokens is not None and resolved.max_tokens > self.config.max_tokens_limit:
+            return openai_error(400, f"'max_tokens' exceeds this gateway's limit of {self.config.max_tokens_limit}.",
+                                "invalid_request_error", param="max_tokens")
+
+        policy = self.config.policies.get(model, ModelPolicy())
+        namespace = "shared" if policy.sharing == "shared" else f"t:{tenant.name}"
+        cache_control = request.headers.get("cache-control")
+        headers = {"x-invariant-fingerprint": ep.fingerprint or ""}
+        reason = bypass_reason(resolved, cache_control)
+        try:
+            if reason is not None:
+                self.metrics.cache.labels("bypass").inc()
+                records = await asyncio.gather(*(self.generate_with_retry(candidates, resolved, body, i)
+                                                  for i in range(resolved.n)))
+                outcome = "BYPASS"
+                headers["x-invariant-bypass-reason"] = reason
+            else:
+                records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
+                                                                store_allowed(cache_control))
+                if not redis_ok:
+                    headers["x-invariant-cache-degraded"] = "redis-unavailable"
+        except UpstreamRejected as exc:
+            return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+        except UpstreamError as exc:
+            return openai_error(exc.status, exc.message, "server_error", "upstream_error", headers=headers)
+
+        records = [truncate(r, resolved.max_tokens) for r in records]
+        headers["x-invariant-cache"] = outcome
+        headers["etag"] = etag([r.token_ids for r in records])
+        request_id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        want_logprobs = bool(body.get("logprobs"))
+        want_ids = bool(body.get("return_token_ids"))
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = list(render_stream(kind, records, request_id=request_id, model=model, created=created,
+                                        want_logprobs=want_logprobs, want_token_ids=want_ids,
+                                        include_usage=include_usage))
+            return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
+        payload = render_response(kind, records, request_id=request_id, model=model, created=created,
+                                  want_logprobs=want_logprobs, want_token_ids=want_ids)
+        return Response(json.dumps(payload, separators=(",", ":"), ensure_ascii=False), media_type="application/json",
+                        headers=headers)
+
+    async def _cached(self, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint], namespace: str,
+                      policy: ModelPolicy, store: bool) -> tuple[list[Record], str, bool]:
+        fingerprint = candidates[0].fingerprint or ""
+        keys = [key_for_choice(resolved, fingerprint, i, namespace) for i in range(resolved.n)]
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, Record] = {}
+        redis_ok = True
+        for key in unique:
+            record, ok = await self.store.get(key)
+            redis_ok = redis_ok and ok
+            if record is not None and covers(record, resolved.max_tokens):
+                found[key] = record
+        missing = [k for k in unique if k not in found]
+        if not missing:
+            self.metrics.cache.labels("hit").inc()
+            return [found[k] for k in keys], "HIT", redis_ok
+        results = await asyncio.gather(*(self.fill(k, candidates, resolved, body, keys.index(k), policy.ttl_seconds,
+                                                   store and redis_ok) for k in missing))
+        outcomes = {how for _, how in results}
+        for k, (record, _) in zip(missing, results):
+            found[k] = record
+        outcome = "MISS" if "MISS" in outcomes else "COALESCED"
+        self.metrics.cache.labels(outcome.lower()).inc()
+        return [found[k] for k in keys], outcome, redis_ok and self.store.available
+
+    async def verify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
+        """Replay a stored entry on a worker, bypassing the cache, and compare bits."""
+        model = body.get("model")
+        candidates = self.upstreams.candidates(model) if model in self.upstreams.models else []
+        if not candidates:
+            raise UpstreamError(503, f"no worker for `{model}` is ready")
+        resolved = resolve(kind, body, candidates[0].defaults)
+        policy = self.config.policies.get(model, ModelPolicy())
+        namespace = "shared" if policy.sharing == "shared" else f"t:{tenant.name}"
+        results = []
+        for i in range(resolved.n):
+            key = key_for_choice(resolved, candidates[0].fingerprint or "", i, namespace)
+            stored, _ = await self.store.get(key)
+            if stored is None:
+                results.append({"choice": i, "stored": False})
+                continue
+            replay_body = dict(body, max_tokens=len(stored.token_ids))
+            fresh = await self.generate_with_retry(candidates, resolved, replay_body, i)
+            same_ids = fresh.token_ids == stored.token_ids
+            same_lp = fresh.logprobs == stored.logprobs
+            self.metrics.verify.labels("match" if same_ids and same_lp else "mismatch").inc()
+            results.append({"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp})
+        return {"fingerprint": candidates[0].fingerprint, "results": results,
+                "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    gateway = Gateway(config)
+
+    async def lifespan(app: FastAPI):
+        await gateway.upstreams.start()
+        yield
+        await gateway.upstreams.close()
+        await gateway.store.close()
+
+    app = FastAPI(title="invariant gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.handle("completions", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await gateway.handle("chat", request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = []
+        for name, eps in gateway.upstreams.models.items():
+            data.append({"id": name, "object": "model", "owned_by": "invariant",
+                         "fingerprints": sorted({ep.fingerprint for ep in eps if ep.healthy and ep.fingerprint})})
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        status = {name: [{"url": ep.url, "healthy": ep.healthy, "fingerprint": ep.fingerprint, "error": ep.error}
+                         for ep in eps] for name, eps in gateway.upstreams.models.items()}
+        ok = all(any(ep["healthy"] for ep in eps) for eps in status.values())
+        return JSONResponse({"ready": ok, "redis": gateway.store.available, "models": status},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/invariant/verify")
+    async def verify(request: Request) -> Response:
+        tenant = config.api_keys.tenant_for(request.headers.get("authorization"))
+        if tenant is None:
+            return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
+        try:
+            payload = await request.json()
+            kind = payload.get("kind", "completions")
+            if kind not in PATHS:
+                raise RequestError("'kind' must be completions or chat")
+            return JSONResponse(await gateway.verify(kind, payload.get("request") or {}, tenant))
+        except (ValueError, RequestError) as exc:
+            return openai_error(400, str(exc), "invalid_request_error")
+        except UpstreamError as exc:
+            return openai_error(exc.status, exc.message, "server_error", "upstream_error")
+
+    return app

