@@ -47,6 +47,7 @@ class GatewayConfig:
     max_tokens_limit: int = 32768
     lock_ttl_ms: int = 600_000
     check_interval: float = 5.0
+    discover: str | None = None  # "kubernetes": routes from DeterministicModel status
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
@@ -306,7 +307,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     async def lifespan(app: FastAPI):
         await gateway.upstreams.start()
+        watcher = None
+        if config.discover == "kubernetes":
+            from invariant.gateway.discovery import watch_kubernetes
+
+            watcher = asyncio.get_running_loop().create_task(watch_kubernetes(gateway))
         yield
+        if watcher:
+            watcher.cancel()
         await gateway.upstreams.close()
         await gateway.store.close()
 
@@ -337,7 +345,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def ready() -> JSONResponse:
         status = {name: [{"url": ep.url, "healthy": ep.healthy, "fingerprint": ep.fingerprint, "error": ep.error}
                          for ep in eps] for name, eps in gateway.upstreams.models.items()}
-        ok = all(any(ep["healthy"] for ep in eps) for eps in status.values())
+        ok = bool(status) and all(any(ep["healthy"] for ep in eps) for eps in status.values())
+        if config.discover and not status:
+            ok = True  # nothing declared yet is not a failure of the gateway
         return JSONResponse({"ready": ok, "redis": gateway.store.available, "models": status},
                             status_code=200 if ok else 503)
 

@@ -45,7 +45,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def build_config(*, model_flags: list[str], redis_url: str | None, config_file: str | None,
-                 api_keys_file: str | None) -> GatewayConfig:
+                 api_keys_file: str | None, discover: str | None = None) -> GatewayConfig:
     file = load_config_file(config_file) if config_file else {}
     models = parse_model_flags(model_flags)
     policies: dict[str, ModelPolicy] = {}
@@ -59,8 +59,10 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
             if sharing not in ("tenant", "shared"):
                 raise GatewayConfigError(f"model {name!r}: sharing must be tenant or shared")
             policies[name] = ModelPolicy(ttl_seconds=int(spec.get("ttl_seconds", 86400)), sharing=sharing)
-    if not models:
-        raise GatewayConfigError("no models: pass --model NAME=URL or a --config file with models")
+    if discover not in (None, "kubernetes"):
+        raise GatewayConfigError(f"--discover {discover!r}: only kubernetes is supported")
+    if not models and not discover:
+        raise GatewayConfigError("no models: pass --model NAME=URL, a --config file with models, or --discover kubernetes")
     url = redis_url or file.get("redis_url") or ""
     keys_file = api_keys_file or file.get("api_keys_file") or os.environ.get("INVARIANT_GATEWAY_API_KEYS_FILE")
     try:
@@ -71,6 +73,7 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         models=models, redis_url=url, policies=policies, api_keys=api_keys,
         redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.05))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
+        discover=discover,
     )
 
 
@@ -84,11 +87,11 @@ def start_embedded_redis():
 
 
 def run(*, host: str, port: int, model_flags: list[str], redis_url: str | None, config_file: str | None,
-        api_keys_file: str | None) -> None:
+        api_keys_file: str | None, discover: str | None = None) -> None:
     import uvicorn
 
     config = build_config(model_flags=model_flags, redis_url=redis_url, config_file=config_file,
-                          api_keys_file=api_keys_file)
+                          api_keys_file=api_keys_file, discover=discover)
     embedded = None
     if not config.redis_url:
         embedded = start_embedded_redis()

@@ -100,7 +100,7 @@ def _gateway(args: argparse.Namespace) -> None:
     try:
         check_port_free(args.host, args.port)
         run(host=args.host, port=args.port, model_flags=args.model or [], redis_url=args.redis_url,
-            config_file=args.config, api_keys_file=args.api_keys)
+            config_file=args.config, api_keys_file=args.api_keys, discover=args.discover)
     except (GatewayConfigError, WorkerConfigError) as exc:
         raise CLIError(str(exc)) from exc
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="served model name and a worker base URL (repeatable; several URLs per name allowed)")
     gw.add_argument("--redis-url", default=None, help="redis://... (default: start an embedded Redis)")
     gw.add_argument("--config", default=None, help="JSON or YAML file: models, redis_url, api_keys_file")
+    gw.add_argument("--discover", default=None, choices=["kubernetes"],
+                    help="route to the endpoints DeterministicModel status publishes")
     gw.add_argument("--api-keys", default=None, help="JSON file of hashed API keys -> tenants (default: no auth)")
     gw.set_defaults(func=_gateway)
 
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Make the default tiny model if no --model is given, start the worker, wait "
                                     "until it is ready, print the URL, fingerprint and a curl line.")
     _add_worker_args(up, model_required=False)
+    up.add_argument("--gateway-port", type=int, default=8080, help="gateway port (default 8080)")
+    up.add_argument("--no-gateway", action="store_true", help="run the worker alone")
     up.add_argument("--state-dir", default=None, help="where default models and logs go (default ~/.cache/invariant)")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
     up.set_defaults(func=_up)

@@ -57,8 +57,9 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> dict:
-    """Poll ``/invariant/ready`` until 200; fail fast if the worker exits."""
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, *,
+               path: str = "/invariant/ready", what: str = "worker") -> dict:
+    """Poll ``path`` until 200; fail fast if the process exits."""
     deadline = time.monotonic() + timeout
     spinner = "|/-\\"
     started = time.monotonic()
@@ -68,9 +69,9 @@ def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float)
         if code is not None:
             tail = _tail(log_path)
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "no output")
-            raise UpError(f"the worker exited with status {code}: {last.strip()} (full log: {log_path})")
+            raise UpError(f"the {what} exited with status {code}: {last.strip()} (full log: {log_path})")
         try:
-            resp = httpx.get(f"{url}/invariant/ready", timeout=2.0)
+            resp = httpx.get(f"{url}{path}", timeout=2.0)
             if resp.status_code == 200:
                 if sys.stderr.isatty():
                     sys.stderr.write("\r" + " " * 60 + "\r")
@@ -78,11 +79,11 @@ def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float)
         except httpx.HTTPError:
             pass
         if sys.stderr.isatty():
-            sys.stderr.write(f"\rstarting worker {spinner[i % 4]} {time.monotonic() - started:4.0f}s")
+            sys.stderr.write(f"\rstarting {what} {spinner[i % 4]} {time.monotonic() - started:4.0f}s")
             sys.stderr.flush()
         i += 1
         time.sleep(0.5)
-    raise UpError(f"the worker was not ready within {timeout:.0f}s (log: {log_path})")
+    raise UpError(f"the {what} was not ready within {timeout:.0f}s (log: {log_path})")
 
 
 def up(args: argparse.Namespace) -> None:
@@ -91,6 +92,8 @@ def up(args: argparse.Namespace) -> None:
     root = state_dir(args.state_dir)
     try:
         check_port_free(args.host, args.port)
+        if not args.no_gateway:
+            check_port_free(args.host, args.gateway_port)
     except WorkerConfigError as exc:
         raise UpError(str(exc)) from exc
     model = Path(args.model) if args.model else ensure_default_model(root)
@@ -101,29 +104,48 @@ def up(args: argparse.Namespace) -> None:
     log_path = logs / f"worker-{args.port}.log"
     url = f"http://{args.host}:{args.port}"
     print(f"starting worker on {url} (log: {log_path})", flush=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(worker_command(args, model), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    name = args.served_model_name or model.name
+    procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        ready = wait_ready(proc, url, log_path, args.timeout)
-        name = args.served_model_name or model.name
-        print(f"\ninvariant is up: {url}")
+        with log_path.open("wb") as log:
+            procs.append(subprocess.Popen(worker_command(args, model), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        ready = wait_ready(procs[0], url, log_path, args.timeout)
+        front = url
+        if not args.no_gateway:
+            front = f"http://{args.host}:{args.gateway_port}"
+            gw_log = logs / f"gateway-{args.gateway_port}.log"
+            print(f"starting gateway on {front} (log: {gw_log})", flush=True)
+            with gw_log.open("wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "invariant", "gateway", "--host", args.host, "--port",
+                     str(args.gateway_port), "--model", f"{name}={url}"],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            wait_ready(procs[1], front, gw_log, 60, path="/ready", what="gateway")
+        print(f"\ninvariant is up: {front}")
         print(f"  model        {name} ({model})")
+        print(f"  worker       {url}")
+        if not args.no_gateway:
+            print(f"  gateway      {front} (exact cache: embedded Redis)")
         print(f"  fingerprint  {ready['fingerprint']}")
         print("  try:")
-        print(f"    curl -s {url}/v1/completions -H 'Content-Type: application/json' \\")
+        print(f"    curl -s {front}/v1/completions -H 'Content-Type: application/json' \\")
         print(f"      -d '{{\"model\": \"{name}\", \"prompt\": \"Tell me about reproducibility\", "
               f"\"max_tokens\": 16, \"temperature\": 0}}'")
         print("  stop with Ctrl-C", flush=True)
-        proc.wait()
-        if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
-            raise UpError(f"the worker exited with status {proc.returncode} (log: {log_path})")
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = next(p for p in procs if p.poll() is not None)
+        if dead.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+            raise UpError(f"a component exited with status {dead.returncode} (logs: {logs})")
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -73,14 +73,15 @@ def test_up_reports_port_in_use(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        res = invariant_cli("up", "--port", str(port), "--state-dir", str(tmp_path), timeout=60)
+        res = invariant_cli("up", "--port", str(port), "--gateway-port", str(free_port()), "--state-dir",
+                            str(tmp_path), timeout=60)
     assert res.returncode == 2
     assert res.stderr.strip() == f"invariant: error: port {port} on 127.0.0.1 is already in use: stop what holds it or pass --port"
 
 
 def test_every_subcommand_has_help():
     for args in (["--help"], ["model", "make", "--help"], ["worker", "--help"], ["fingerprint", "--help"],
-                 ["up", "--help"]):
+                 ["up", "--help"], ["gateway", "--help"], ["operator", "--help"]):
         res = invariant_cli(*args)
         assert res.returncode == 0 and "usage: invariant" in res.stdout, args
 
