@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -65,6 +75,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--batch-sizes", default="2,8,32")
     ap.add_argument("--size", default="tiny")
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (CPU GEMM variance differs by dtype)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -79,15 +90,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for close in (False, True):
             label = "close-logits" if close else "ordinary"
-            path = make_model(Path(tmp) / label, ModelSpec(size=args.size, dtype="bfloat16", close_logits=close))
+            path = make_model(Path(tmp) / label, ModelSpec(size=args.size, dtype=args.dtype, close_logits=close))
             results[label] = measure(str(path), prompts, fillers, batch_sizes, args.tokens)
 
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "engine": "stock vLLM CPU (vllm-cpu 0.32.0), eager, greedy, bf16", "model_size": args.size,
+            "engine": f"stock vLLM CPU (vllm-cpu 0.32.0), eager, greedy, {args.dtype}", "model_size": args.size,
+            "cpu": _cpu_model(),
             "tokens": args.tokens}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "close_logits_divergence.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    lines_md = [f"Measured {meta['date']} on {meta['machine']}; {meta['engine']}; {args.tokens} tokens per prompt.", "",
+    stem = f"close_logits_divergence_{args.size}_{args.dtype}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    lines_md = [f"Measured {meta['date']} on {meta['machine']} ({meta['cpu']}); {meta['engine']}; model size "
+                f"{args.size}; {args.tokens} tokens per prompt.", "",
                 "| model | batch | prompts | token sequences differ | logprobs differ | median first differing token |",
                 "|---|---|---|---|---|---|"]
     for label, res in results.items():
@@ -96,7 +110,7 @@ def main() -> None:
                             f"{r['logprob_divergent']} | {r['median_first_divergence']} |")
     table = "\n".join(lines_md)
     print(table)
-    (RESULTS / "close_logits_divergence.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
     try:
         import matplotlib
 
@@ -114,7 +128,7 @@ def main() -> None:
         ax.set_title("Stock vLLM CPU: token-level batch variance")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "close_logits_divergence.png", dpi=120)
+        fig.savefig(RESULTS / f"{stem}.png", dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot")
 
