@@ -26,7 +26,7 @@ json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_siz
 
 
 @settings(max_examples=60, deadline=None)
-@given(extra=st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in BASE), json_values, max_size=4),
+@given(extra=st.dictionaries(st.text(min_size=1, max_size=8).map(lambda k: "x_" + k), json_values, max_size=4),
        seed=st.randoms(use_true_random=False))
 def test_key_ignores_order_whitespace_and_encoding(extra, seed):
     body = {**BASE, **extra}

@@ -36,8 +36,10 @@ def kernel_config(*, cuda: bool, invariance: bool) -> dict[str, Any]:
                 "batch_invariant": "vllm" if invariance else "off"}
     return {
         "backend": "cpu",
-        # torch.compile (inductor) fuses ops and so changes numerics; the CPU worker runs eager.
+        # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
+        # depends on the ISA it detects at run time: the CPU worker runs eager, with no compile at all.
         "enforce_eager": True,
+        "torch_compile": "disabled",
         "threads": torch.get_num_threads(),
         # The CPU invariant kernels (plugin) are not in this build yet: stock vLLM CPU ops serve.
         "batch_invariant": "off",
@@ -52,6 +54,10 @@ def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cuda and options.invariance:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    if not cuda:
+        # vLLM compiles parts of its sampler with torch.compile even in eager mode; on CPU that is
+        # inductor C++ generated for the detected ISA (and it has failed to build here). Eager only.
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 
 def vllm_argv(options: WorkerOptions, *, dtype: str, fingerprint: str, cuda: bool) -> list[str]:
