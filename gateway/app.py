@@ -42,7 +42,7 @@ class GatewayConfig:
     redis_url: str
     policies: dict[str, ModelPolicy] = field(default_factory=dict)
     api_keys: KeyStore = field(default_factory=lambda: KeyStore(None))
-    redis_timeout: float = 0.05
+    redis_timeout: float = 0.25
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 32768
     lock_ttl_ms: int = 600_000

@@ -71,7 +71,7 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         raise GatewayConfigError(f"cannot load API keys from {keys_file}: {exc}") from exc
     return GatewayConfig(
         models=models, redis_url=url, policies=policies, api_keys=api_keys,
-        redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.05))),
+        redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.25))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
         discover=discover,
     )

@@ -29,7 +29,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 
 
 class Store:
-    def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.05, breaker_seconds: float = 2.0,
+    def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.25, breaker_seconds: float = 2.0,
                  l1_entries: int = 4096):
         self.url = url
         self.metrics = metrics

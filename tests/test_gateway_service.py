@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -54,15 +55,18 @@ class RedisServer:
 
 
 class Gateway:
-    def __init__(self, workers, redis_url: str, tmp: Path, *extra: str):
+    def __init__(self, workers, redis_url: str, tmp: Path, *extra: str, redis_timeout: float = 2.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "invariant", "gateway", "--port", str(self.port), "--redis-url", redis_url]
         for w in workers:
             args += ["--model", f"{w.name}={w.url}"]
         self.log = tmp / f"gateway-{self.port}.log"
+        # A generous Redis timeout: two vLLM engines load both cores of a CI machine, and a cache
+        # write that times out is (correctly) skipped, which would make hit/miss assertions flaky.
+        env = {**os.environ, "INVARIANT_GATEWAY_REDIS_TIMEOUT": str(redis_timeout)}
         with self.log.open("wb") as fh:
-            self.proc = subprocess.Popen([*args, *extra], stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([*args, *extra], stdout=fh, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -157,20 +161,34 @@ def test_replayed_stream_equals_the_live_one(gateway, worker):
     assert (whole["text"], whole["token_ids"], whole["logprobs"]["token_logprobs"]) == live_content
 
 
+def spellable_prompt(worker, max_tokens):
+    """A prompt whose greedy output's tokens spell its text exactly (no byte token splits a
+    character): only such entries can be truncated, see records.pieces_from_completion."""
+    for prompt in ("The library opens at", "Numbers: 0 1 2 3", "Questions are welcome.", "Code looks like this:",
+                   "The river runs", "Good engineering is", "System: you are"):
+        out = httpx.post(f"{worker.url}/v1/completions", timeout=120, json=dict(
+            model=worker.name, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0)).json()["choices"][0]
+        if "".join(out["logprobs"]["tokens"]) == out["text"]:
+            return prompt
+    pytest.fail("no prompt with a spellable output on this model")
+
+
 def test_prefix_reuse_equals_a_fresh_generation(gateway, worker):
-    long = dict(model=worker.name, prompt="The library opens at", max_tokens=24, temperature=0, logprobs=1,
-                return_token_ids=True)
+    prompt = spellable_prompt(worker, 24)
+    long = dict(model=worker.name, prompt=prompt, max_tokens=24, temperature=0, logprobs=1, return_token_ids=True)
     assert post(gateway, **long).headers["x-invariant-cache"] == "MISS"
-    short = {**long, "max_tokens": 9}
-    reused = post(gateway, **short)
-    assert reused.headers["x-invariant-cache"] == "HIT"
-    fresh = httpx.post(f"{worker.url}/v1/completions", json=short, timeout=120).json()["choices"][0]
-    got = reused.json()["choices"][0]
-    if len(got["token_ids"]) == 9:  # per-token text available: truncated
-        assert got["finish_reason"] == "length"
-    assert got["token_ids"] == fresh["token_ids"]
-    assert got["logprobs"]["token_logprobs"] == fresh["logprobs"]["token_logprobs"]
-    assert got["text"] == fresh["text"]
+    for k in (9, 1, 23):
+        short = {**long, "max_tokens": k}
+        reused = post(gateway, **short)
+        assert reused.headers["x-invariant-cache"] == "HIT"
+        fresh = httpx.post(f"{worker.url}/v1/completions", json=short, timeout=120).json()["choices"][0]
+        got = reused.json()["choices"][0]
+        assert len(got["token_ids"]) == k and got["finish_reason"] == "length"
+        assert got["token_ids"] == fresh["token_ids"]
+        assert got["logprobs"] == fresh["logprobs"]  # every logprob field, bit for bit
+        assert got["text"] == fresh["text"]
+    longer = post(gateway, **{**long, "max_tokens": 30})
+    assert longer.headers["x-invariant-cache"] == "MISS"  # a 24-token entry cannot answer 30
 
 
 def test_fifty_concurrent_identical_requests_make_one_generation(gateway, worker):
@@ -248,7 +266,7 @@ def test_verify_replays_an_entry_bitwise(gateway, worker):
 
 def test_redis_down_then_back(worker_pair, tmp_path):
     redis = RedisServer(free_port()).start()
-    gw = Gateway(worker_pair, redis.url, tmp_path)
+    gw = Gateway(worker_pair, redis.url, tmp_path, redis_timeout=0.25)
     name = worker_pair[0].name
     try:
         body = dict(model=name, prompt="Redis outage", max_tokens=6, temperature=0)

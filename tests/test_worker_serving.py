@@ -32,7 +32,8 @@ def test_completion_and_its_stream_agree(client, worker, expected_fingerprint):
     assert choice.finish_reason == "length" and full.usage.completion_tokens == 24
     chunks = list(client.completions.create(model=worker.name, prompt=PROMPT, max_tokens=24, temperature=0,
                                             logprobs=1, stream=True))
-    assert {c.system_fingerprint for c in chunks} == {expected_fingerprint}
+    # vLLM stamps the fingerprint on some chunks of a stream, not all (the gateway stamps every one)
+    assert {c.system_fingerprint for c in chunks} - {None} == {expected_fingerprint}
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     streamed_lp = [lp for c in chunks if c.choices and c.choices[0].logprobs
                    for lp in c.choices[0].logprobs.token_logprobs]
@@ -47,7 +48,7 @@ def test_chat_and_its_stream_agree(client, worker, expected_fingerprint):
     assert full.usage.completion_tokens == 16
     chunks = list(client.chat.completions.create(model=worker.name, messages=messages, max_tokens=16,
                                                  temperature=0, stream=True))
-    assert {c.system_fingerprint for c in chunks} == {expected_fingerprint}
+    assert {c.system_fingerprint for c in chunks} - {None} == {expected_fingerprint}
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
