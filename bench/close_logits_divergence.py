@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (CPU GEMM variance differs by dtype)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # as the CPU worker runs (docs/architecture.md)
 
     from invariant.modelmaker import ModelSpec, make_model
     from invariant.modelmaker.make import corpus_text
