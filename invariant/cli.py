@@ -95,13 +95,13 @@ def _up(args: argparse.Namespace) -> None:
 
 def _gateway(args: argparse.Namespace) -> None:
     from invariant.gateway.server import GatewayConfigError, run
-    from invariant.worker.options import WorkerConfigError, check_port_free
+    from invariant.net import PortError, check_port_free
 
     try:
         check_port_free(args.host, args.port)
         run(host=args.host, port=args.port, model_flags=args.model or [], redis_url=args.redis_url,
             config_file=args.config, api_keys_file=args.api_keys, discover=args.discover)
-    except (GatewayConfigError, WorkerConfigError) as exc:
+    except (GatewayConfigError, PortError) as exc:
         raise CLIError(str(exc)) from exc
 
 

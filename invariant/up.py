@@ -87,14 +87,14 @@ def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float,
 
 
 def up(args: argparse.Namespace) -> None:
-    from invariant.worker.options import WorkerConfigError, check_port_free
+    from invariant.net import PortError, check_port_free
 
     root = state_dir(args.state_dir)
     try:
         check_port_free(args.host, args.port)
         if not args.no_gateway:
             check_port_free(args.host, args.gateway_port)
-    except WorkerConfigError as exc:
+    except PortError as exc:
         raise UpError(str(exc)) from exc
     model = Path(args.model) if args.model else ensure_default_model(root)
     if not model.exists():

@@ -6,13 +6,12 @@ process, a minute into start-up; these checks answer at once and say what to do.
 
 from __future__ import annotations
 
-import errno
 import json
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from invariant.engine_args import engine_arg_errors
+from invariant.net import PortError, check_port_free
 
 # The architectures our invariant kernels and canary are written and tested for.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
@@ -87,21 +86,6 @@ def check_architecture(model_config: dict) -> str:
     )
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Bind and release the port now, so a clash fails in a second rather than after model load."""
-    if not 0 < port < 65536:
-        raise WorkerConfigError(f"--port {port} is out of range 1..65535")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise WorkerConfigError(f"port {port} on {host} is already in use: stop what holds it or pass --port") from exc
-            raise WorkerConfigError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
-
-
 def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> tuple[dict, str]:
     """Check everything checkable without the engine; return the model config and resolved dtype."""
     model_config = read_model_config(options.model)
@@ -117,7 +101,10 @@ def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> 
     if problems:
         raise WorkerConfigError(problems[0])
     if check_port:
-        check_port_free(options.host, options.port)
+        try:
+            check_port_free(options.host, options.port)
+        except PortError as exc:
+            raise WorkerConfigError(str(exc)) from exc
     return model_config, dtype
 
 

@@ -1,0 +1,25 @@
+"""The gateway and the operator never import the worker, the kernels, torch or vLLM: their images
+carry none of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MODULES = {
+    "gateway": ["invariant.gateway.app", "invariant.gateway.server", "invariant.gateway.discovery"],
+    "operator": ["invariant.operator.handlers", "invariant.operator.crd"],
+}
+
+
+@pytest.mark.parametrize("component", sorted(MODULES))
+def test_component_imports_no_engine(component):
+    code = ("import sys, " + ", ".join(MODULES[component]) + "\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'transformers') "
+            "or m.startswith(('invariant.worker', 'invariant.kernels')))\n"
+            "print(','.join(bad))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
