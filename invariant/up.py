@@ -17,6 +17,9 @@ from pathlib import Path
 import httpx
 
 DEFAULT_MODEL_NAME = "qwen3-tiny-bf16-seed0"
+# Children run `python -m invariant`: keep the current directory off sys.path, so a checkout's
+# top-level operator/ folder can never shadow the standard library's operator module.
+CHILD_ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 
 
 class UpError(RuntimeError):
@@ -110,7 +113,7 @@ def up(args: argparse.Namespace) -> None:
     try:
         with log_path.open("wb") as log:
             procs.append(subprocess.Popen(worker_command(args, model), stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+                                          start_new_session=True, env=CHILD_ENV))
         ready = wait_ready(procs[0], url, log_path, args.timeout)
         front = url
         if not args.no_gateway:
@@ -121,7 +124,7 @@ def up(args: argparse.Namespace) -> None:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "invariant", "gateway", "--host", args.host, "--port",
                      str(args.gateway_port), "--model", f"{name}={url}"],
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=CHILD_ENV))
             wait_ready(procs[1], front, gw_log, 60, path="/ready", what="gateway")
         print(f"\ninvariant is up: {front}")
         print(f"  model        {name} ({model})")
