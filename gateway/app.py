@@ -8,6 +8,8 @@ records, or generate the missing choices once (single flight) and store them.
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import json
 import logging
 import time
@@ -76,6 +78,21 @@ class RateLimiter:
         return True
 
 
+@dataclass
+class HotEntry:
+    model: str
+    fingerprint: str
+    expires: float
+    records: list[Record]
+    headers: dict[str, str]
+    body_tail: bytes  # the non-streamed JSON response after its "id" and "created"
+    request: dict[str, Any]  # the parsed request (streaming flags)
+
+
+HOT_ENTRIES = 4096
+HOT_SECONDS = 60.0
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
@@ -84,6 +101,9 @@ class Gateway:
         self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
         self.limiter = RateLimiter()
         self._inflight: dict[str, asyncio.Task] = {}
+        # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
+        # them. Sound because entries are immutable: same bytes, same fingerprint, same answer.
+        self._hot: collections.OrderedDict[tuple, HotEntry] = collections.OrderedDict()
 
     # --- generation -----------------------------------------------------------------------------
     def upstream_body(self, resolved: Resolved, body: dict[str, Any], choice: int) -> dict[str, Any]:
@@ -189,6 +209,11 @@ class Gateway:
         if len(raw) > self.config.max_body_bytes:
             return openai_error(413, f"Request body exceeds {self.config.max_body_bytes} bytes.",
                                 "invalid_request_error", "request_too_large")
+        hot_key = (kind, tenant.name, request.headers.get("cache-control"), hashlib.sha256(raw).digest())
+        hot = self._hot_get(hot_key)
+        if hot is not None:
+            self.metrics.cache.labels("hit").inc()
+            return self._hot_response(kind, hot)
         try:
             body = json.loads(raw)
         except ValueError:
@@ -240,16 +265,51 @@ class Gateway:
         created = int(time.time())
         want_logprobs = bool(body.get("logprobs"))
         want_ids = bool(body.get("return_token_ids"))
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = list(render_stream(kind, records, request_id=request_id, model=model, created=created,
-                                        want_logprobs=want_logprobs, want_token_ids=want_ids,
-                                        include_usage=include_usage))
-            return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
         payload = render_response(kind, records, request_id=request_id, model=model, created=created,
                                   want_logprobs=want_logprobs, want_token_ids=want_ids)
-        return Response(json.dumps(payload, separators=(",", ":"), ensure_ascii=False), media_type="application/json",
-                        headers=headers)
+        tail = _json_tail(payload)
+        if outcome != "BYPASS" and store_allowed(cache_control) and "x-invariant-cache-degraded" not in headers:
+            self._hot_put(hot_key, HotEntry(model=model, fingerprint=ep.fingerprint or "",
+                                            expires=time.monotonic() + min(HOT_SECONDS, policy.ttl_seconds),
+                                            records=records, headers=dict(headers, **{"x-invariant-cache": "HIT"}),
+                                            body_tail=tail, request=body))
+        if body.get("stream"):
+            return self._stream(kind, body, records, request_id, model, created, headers)
+        return Response(_json_with_head(request_id, created, tail), media_type="application/json", headers=headers)
+
+    def _stream(self, kind: str, body: dict[str, Any], records: list[Record], request_id: str, model: str,
+                created: int, headers: dict[str, str]) -> StreamingResponse:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = list(render_stream(kind, records, request_id=request_id, model=model, created=created,
+                                    want_logprobs=bool(body.get("logprobs")),
+                                    want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage))
+        return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
+
+    # --- hot responses -----------------------------------------------------------------------------
+    def _hot_get(self, key: tuple) -> HotEntry | None:
+        hot = self._hot.get(key)
+        if hot is None:
+            return None
+        served = any(ep.healthy and ep.fingerprint == hot.fingerprint for ep in self.upstreams.models.get(hot.model, ()))
+        if hot.expires < time.monotonic() or not served:
+            self._hot.pop(key, None)  # expired, or no worker serves these numerics any more
+            return None
+        self._hot.move_to_end(key)
+        return hot
+
+    def _hot_put(self, key: tuple, entry: HotEntry) -> None:
+        self._hot[key] = entry
+        self._hot.move_to_end(key)
+        while len(self._hot) > HOT_ENTRIES:
+            self._hot.popitem(last=False)
+
+    def _hot_response(self, kind: str, hot: HotEntry) -> Response:
+        request_id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if hot.request.get("stream"):
+            return self._stream(kind, hot.request, hot.records, request_id, hot.model, created, dict(hot.headers))
+        return Response(_json_with_head(request_id, created, hot.body_tail), media_type="application/json",
+                        headers=hot.headers)
 
     async def _cached(self, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint], namespace: str,
                       policy: ModelPolicy, store: bool) -> tuple[list[Record], str, bool]:
@@ -300,6 +360,16 @@ class Gateway:
             results.append({"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp})
         return {"fingerprint": candidates[0].fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
+
+
+def _json_tail(payload: dict[str, Any]) -> bytes:
+    """The response JSON without its per-response "id" and "created" (which _json_with_head adds)."""
+    rest = {k: v for k, v in payload.items() if k not in ("id", "created")}
+    return json.dumps(rest, separators=(",", ":"), ensure_ascii=False).encode()[1:]
+
+
+def _json_with_head(request_id: str, created: int, tail: bytes) -> bytes:
+    return b'{"id":"' + request_id.encode() + b'","created":' + str(created).encode() + b"," + tail
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
