@@ -12,6 +12,7 @@ import collections
 import hashlib
 import json
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class GatewayConfig:
     lock_ttl_ms: int = 600_000
     check_interval: float = 5.0
     discover: str | None = None  # "kubernetes": routes from DeterministicModel status
+    verify_sample: float = 0.0  # share of hits replayed in the background and compared bit for bit
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
@@ -104,6 +106,8 @@ class Gateway:
         # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
         # them. Sound because entries are immutable: same bytes, same fingerprint, same answer.
         self._hot: collections.OrderedDict[tuple, HotEntry] = collections.OrderedDict()
+        self._verifying = asyncio.Semaphore(1)
+        self._background: set[asyncio.Task] = set()
 
     # --- generation -----------------------------------------------------------------------------
     def upstream_body(self, resolved: Resolved, body: dict[str, Any], choice: int) -> dict[str, Any]:
@@ -213,6 +217,7 @@ class Gateway:
         hot = self._hot_get(hot_key)
         if hot is not None:
             self.metrics.cache.labels("hit").inc()
+            self._maybe_reverify(kind, hot.request, tenant)
             return self._hot_response(kind, hot)
         try:
             body = json.loads(raw)
@@ -260,6 +265,8 @@ class Gateway:
 
         records = [truncate(r, resolved.max_tokens) for r in records]
         headers["x-invariant-cache"] = outcome
+        if outcome == "HIT":
+            self._maybe_reverify(kind, body, tenant)
         headers["etag"] = etag([r.token_ids for r in records])
         request_id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -284,6 +291,25 @@ class Gateway:
                                     want_logprobs=bool(body.get("logprobs")),
                                     want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage))
         return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
+
+    def _maybe_reverify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> None:
+        """Replay a sample of hits on a worker in the background: a determinism canary and a
+        cache-poisoning alarm (mismatches are counted in invariant_gateway_verify_total)."""
+        if self.config.verify_sample <= 0 or random.random() >= self.config.verify_sample or self._verifying.locked():
+            return
+
+        async def run() -> None:
+            async with self._verifying:
+                try:
+                    report = await self.verify(kind, body, tenant)
+                    if not report["match"]:
+                        log.error("cache entry differs from a fresh generation: %s", report)
+                except Exception as exc:  # noqa: BLE001 - a failed replay is not a request failure
+                    log.warning("background verify failed: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- hot responses -----------------------------------------------------------------------------
     def _hot_get(self, key: tuple) -> HotEntry | None:

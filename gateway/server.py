@@ -74,6 +74,7 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.25))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
         discover=discover,
+        verify_sample=float(os.environ.get("INVARIANT_GATEWAY_VERIFY_SAMPLE", file.get("verify_sample", 0.0))),
     )
 
 

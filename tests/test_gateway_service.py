@@ -55,7 +55,8 @@ class RedisServer:
 
 
 class Gateway:
-    def __init__(self, workers, redis_url: str, tmp: Path, *extra: str, redis_timeout: float = 2.0):
+    def __init__(self, workers, redis_url: str, tmp: Path, *extra: str, redis_timeout: float = 2.0,
+                 env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "invariant", "gateway", "--port", str(self.port), "--redis-url", redis_url]
@@ -64,7 +65,7 @@ class Gateway:
         self.log = tmp / f"gateway-{self.port}.log"
         # A generous Redis timeout: two vLLM engines load both cores of a CI machine, and a cache
         # write that times out is (correctly) skipped, which would make hit/miss assertions flaky.
-        env = {**os.environ, "INVARIANT_GATEWAY_REDIS_TIMEOUT": str(redis_timeout)}
+        env = {**os.environ, "INVARIANT_GATEWAY_REDIS_TIMEOUT": str(redis_timeout), **(env or {})}
         with self.log.open("wb") as fh:
             self.proc = subprocess.Popen([*args, *extra], stdout=fh, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
@@ -305,5 +306,26 @@ def test_auth_and_tenant_isolation(worker_pair, redis_server, tmp_path):
                                 capture_output=True, text=True).stdout
         assert "key-a" not in keys.read_text()  # keys are stored hashed
         assert ":t:a:" in stored and ":t:b:" in stored
+    finally:
+        gw.stop()
+
+
+def test_background_reverification_of_hits(worker_pair, redis_server, tmp_path):
+    gw = Gateway(worker_pair, redis_server.url, tmp_path, env={"INVARIANT_GATEWAY_VERIFY_SAMPLE": "1.0"})
+    name = worker_pair[0].name
+    try:
+        body = dict(model=name, prompt="Check me in the background", max_tokens=6, temperature=0)
+        assert post(gw, **body).headers["x-invariant-cache"] == "MISS"
+        assert post(gw, **body).headers["x-invariant-cache"] == "HIT"
+
+        def verified():
+            text = httpx.get(f"{gw.url}/metrics").text
+            m = re.search(r'invariant_gateway_verify_total\{result="(match|mismatch)"\} ([0-9.]+)', text)
+            return m.groups() if m else None
+
+        deadline = time.monotonic() + 60
+        while verified() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert verified() == ("match", "1.0")
     finally:
         gw.stop()
