@@ -329,3 +329,24 @@ def test_background_reverification_of_hits(worker_pair, redis_server, tmp_path):
         assert verified() == ("match", "1.0")
     finally:
         gw.stop()
+
+
+def test_single_flight_across_two_gateway_replicas(worker_pair, redis_server, tmp_path):
+    replicas = [Gateway(worker_pair, redis_server.url, tmp_path), Gateway(worker_pair, redis_server.url, tmp_path)]
+    name = worker_pair[0].name
+    try:
+        body = dict(model=name, prompt="Two replicas, one generation", max_tokens=32, temperature=0)
+        before = sum(g.upstream_calls() for g in replicas)
+
+        async def crowd():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(f"{replicas[i % 2].url}/v1/completions", json=body)
+                                              for i in range(40)))
+
+        responses = asyncio.run(crowd())
+        assert sum(g.upstream_calls() for g in replicas) - before == 1  # coordinated through Redis
+        assert len({r.headers["etag"] for r in responses}) == 1
+        assert [r.headers["x-invariant-cache"] for r in responses].count("MISS") == 1
+    finally:
+        for g in replicas:
+            g.stop()
