@@ -167,6 +167,19 @@ class Gateway:
             if record is not None:
                 return record, "COALESCED"
             token = "local"
+        # Double-check: a leader may have stored the entry (and released its lock) between this
+        # request's lookup and its lock; and another request here may have started meanwhile.
+        if store:
+            record, _ = await self.store.get(key)
+            if record is not None and covers(record, resolved.max_tokens):
+                if token != "local":
+                    await self.store.unlock(key, token)
+                return record, "COALESCED"
+        task = self._inflight.get(key)
+        if task is not None:
+            if store and token != "local":
+                await self.store.unlock(key, token)
+            return await asyncio.shield(task), "COALESCED"
 
         async def lead() -> Record:
             try:
