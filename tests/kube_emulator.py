@@ -228,24 +228,24 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return result
 
 
-# Resources the operator touches, as API discovery should list them.
+ALL_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+# Resources the operator touches, as API discovery should list them: (path, kind, short names).
+WORKLOAD_RESOURCES = [
+    ("invariant.dev/v1alpha1/deterministicmodels", "DeterministicModel", {"dm"}),
+    ("apps/v1/deployments", "Deployment", set()),
+    ("v1/services", "Service", set()),
+    ("v1/pods", "Pod", set()),
+]
+
+
 def register_resources(emulator: ClusterEmulator) -> None:
-    emulator.resources["invariant.dev/v1alpha1/deterministicmodels"] = kmock.ResourceInfo(
-        kind="DeterministicModel", singular="deterministicmodel", namespaced=True, shortnames={"dm"},
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"})
-    emulator.resources["apps/v1/deployments"] = kmock.ResourceInfo(
-        kind="Deployment", singular="deployment", namespaced=True,
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"})
-    emulator.resources["v1/services"] = kmock.ResourceInfo(
-        kind="Service", singular="service", namespaced=True,
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"})
-    emulator.resources["v1/pods"] = kmock.ResourceInfo(
-        kind="Pod", singular="pod", namespaced=True,
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"})
+    for path, kind, shortnames in WORKLOAD_RESOURCES:
+        emulator.resources[path] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True,
+                                                      shortnames=shortnames, verbs=ALL_VERBS, subresources={"status"})
     # kopf watches CRDs to notice new resources; a real cluster always serves them.
     emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
-        verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"})
+        verbs=ALL_VERBS - {"update"}, subresources={"status"})
     # kopf waits for the namespaces resource to be discoverable, even when it watches cluster-wide.
     emulator.resources["v1/namespaces"] = kmock.ResourceInfo(
         kind="Namespace", singular="namespace", namespaced=False, verbs={"get", "list", "watch"})
