@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +84,7 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed: apt-get install wrk redis-server")
     from invariant.modelmaker import ModelSpec, make_model
+    from invariant.processes import stop_all
 
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp())
@@ -126,13 +126,7 @@ def main() -> None:
                 result = wrk(url, conns, args.seconds, tmp)
                 rows.append({"server": name, "connections": conns, **result})
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs, timeout=20)
         shutil.rmtree(tmp, ignore_errors=True)
 
     base64 = next(r for r in rows if r["server"].startswith("bare") and r["connections"] == 64)["rps"]

@@ -60,6 +60,11 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None,
                         status_code=status, headers=headers)
 
 
+def cache_namespace(policy: ModelPolicy, tenant: Tenant) -> str:
+    """Per tenant unless the model opted into sharing (a shared exact cache is a timing side channel)."""
+    return "shared" if policy.sharing == "shared" else f"t:{tenant.name}"
+
+
 class RateLimiter:
     """Token bucket per tenant, per gateway replica."""
 
@@ -87,7 +92,7 @@ class HotEntry:
     expires: float
     records: list[Record]
     headers: dict[str, str]
-    body_tail: bytes  # the non-streamed JSON response after its "id" and "created"
+    body_tail: bytes | None  # the JSON response after its "id" and "created"; None for streamed requests
     request: dict[str, Any]  # the parsed request (streaming flags)
 
 
@@ -255,7 +260,7 @@ class Gateway:
                                 "invalid_request_error", param="max_tokens")
 
         policy = self.config.policies.get(model, ModelPolicy())
-        namespace = "shared" if policy.sharing == "shared" else f"t:{tenant.name}"
+        namespace = cache_namespace(policy, tenant)
         cache_control = request.headers.get("cache-control")
         headers = {"x-invariant-fingerprint": ep.fingerprint or ""}
         reason = bypass_reason(resolved, cache_control)
@@ -281,19 +286,19 @@ class Gateway:
         if outcome == "HIT":
             self._maybe_reverify(kind, body, tenant)
         headers["etag"] = etag([r.token_ids for r in records])
-        request_id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        want_logprobs = bool(body.get("logprobs"))
-        want_ids = bool(body.get("return_token_ids"))
-        payload = render_response(kind, records, request_id=request_id, model=model, created=created,
-                                  want_logprobs=want_logprobs, want_token_ids=want_ids)
-        tail = _json_tail(payload)
+        request_id, created = new_response_id(kind), int(time.time())
+        tail = None
+        if not body.get("stream"):
+            payload = render_response(kind, records, request_id=request_id, model=model, created=created,
+                                      want_logprobs=bool(body.get("logprobs")),
+                                      want_token_ids=bool(body.get("return_token_ids")))
+            tail = _json_tail(payload)
         if outcome != "BYPASS" and store_allowed(cache_control) and "x-invariant-cache-degraded" not in headers:
             self._hot_put(hot_key, HotEntry(model=model, fingerprint=ep.fingerprint or "",
                                             expires=time.monotonic() + min(HOT_SECONDS, policy.ttl_seconds),
                                             records=records, headers=dict(headers, **{"x-invariant-cache": "HIT"}),
                                             body_tail=tail, request=body))
-        if body.get("stream"):
+        if tail is None:
             return self._stream(kind, body, records, request_id, model, created, headers)
         return Response(_json_with_head(request_id, created, tail), media_type="application/json", headers=headers)
 
@@ -343,9 +348,8 @@ class Gateway:
             self._hot.popitem(last=False)
 
     def _hot_response(self, kind: str, hot: HotEntry) -> Response:
-        request_id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        if hot.request.get("stream"):
+        request_id, created = new_response_id(kind), int(time.time())
+        if hot.body_tail is None:  # a streamed request
             return self._stream(kind, hot.request, hot.records, request_id, hot.model, created, dict(hot.headers))
         return Response(_json_with_head(request_id, created, hot.body_tail), media_type="application/json",
                         headers=hot.headers)
@@ -382,8 +386,7 @@ class Gateway:
         if not candidates:
             raise UpstreamError(503, f"no worker for `{model}` is ready")
         resolved = resolve(kind, body, candidates[0].defaults)
-        policy = self.config.policies.get(model, ModelPolicy())
-        namespace = "shared" if policy.sharing == "shared" else f"t:{tenant.name}"
+        namespace = cache_namespace(self.config.policies.get(model, ModelPolicy()), tenant)
         results = []
         for i in range(resolved.n):
             key = key_for_choice(resolved, candidates[0].fingerprint or "", i, namespace)
@@ -399,6 +402,10 @@ class Gateway:
             results.append({"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp})
         return {"fingerprint": candidates[0].fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
+
+
+def new_response_id(kind: str) -> str:
+    return ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
 
 
 def _json_tail(payload: dict[str, Any]) -> bytes:

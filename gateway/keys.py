@@ -24,8 +24,7 @@ KEY_SCHEMA = 1
 
 # Fields that cannot change the tokens: transport, bookkeeping and per-request identities.
 NON_OUTPUT_FIELDS = frozenset({
-    "stream", "stream_options", "user", "request_id", "metadata", "store", "service_tier",
-    "priority", "cache_salt_ignored", "parallel_tool_calls_hint",
+    "stream", "stream_options", "user", "request_id", "metadata", "store", "service_tier", "priority",
 })
 # Consumed by the gateway itself.
 GATEWAY_FIELDS = frozenset({"n", "max_tokens", "max_completion_tokens"})

@@ -120,17 +120,13 @@ def record_from_choice(kind: str, choice: dict[str, Any], prompt_tokens: int, fi
                   logprobs=choice.get("logprobs"), fingerprint=fingerprint, created=created, extra=extra)
 
 
-def _client_logprobs(kind: str, record: Record, wanted: bool) -> Any:
-    return record.logprobs if wanted else None
-
-
 def render_response(kind: str, records: list[Record], *, request_id: str, model: str, created: int,
                     want_logprobs: bool, want_token_ids: bool) -> dict[str, Any]:
     """A non-streamed OpenAI response from stored records (one per choice)."""
     choices = []
     for index, rec in enumerate(records):
         base: dict[str, Any] = {"index": index, "finish_reason": rec.finish_reason, "stop_reason": rec.stop_reason,
-                                "logprobs": _client_logprobs(kind, rec, want_logprobs)}
+                                "logprobs": rec.logprobs if want_logprobs else None}
         if want_token_ids:
             base["token_ids"] = rec.token_ids
         if kind == "completions":

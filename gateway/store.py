@@ -85,12 +85,14 @@ class Store:
         local = self._l1_get(key)
         if local is not None:
             return local, True
-        raw, ok = await self._call("get", lambda: self._redis.get(key), None)
+        async def get_with_ttl():
+            # One round trip: the entry and its remaining TTL (the L1 copy expires with it).
+            return await self._redis.pipeline(transaction=False).get(key).ttl(key).execute()
+
+        (raw, ttl), ok = await self._call("get", get_with_ttl, (None, -1))
         if raw is None:
             return None, ok
-        # Entries are immutable (same key, same bytes), so the L1 copy can never be stale; it only
-        # expires with the entry's TTL.
-        ttl, _ = await self._call("ttl", lambda: self._redis.ttl(key), -1)
+        # Entries are immutable (same key, same bytes), so the L1 copy can never be stale.
         self._l1_put(key, raw, max(int(ttl), 0))
         return Record.loads(raw), ok
 
@@ -113,7 +115,3 @@ class Store:
 
     async def unlock(self, key: str, token: str) -> None:
         await self._call("unlock", lambda: self._release(keys=[f"{key}:lock"], args=[token]), 0)
-
-    async def ping(self) -> bool:
-        _, ok = await self._call("ping", lambda: self._redis.ping(), None)
-        return ok

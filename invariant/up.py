@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from invariant.processes import stop_all
+
 DEFAULT_MODEL_NAME = "qwen3-tiny-bf16-seed0"
 # Children run `python -m invariant`: keep the current directory off sys.path, so a checkout's
 # top-level operator/ folder can never shadow the standard library's operator module.
@@ -145,11 +147,4 @@ def up(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
