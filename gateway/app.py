@@ -23,7 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from invariant.gateway.auth import KeyStore, Tenant
+from invariant.gateway import live as live_mod
 from invariant.gateway.keys import RequestError, Resolved, bypass_reason, key_for_choice, resolve, store_allowed
+from invariant.gateway.live import Live
 from invariant.gateway.metrics import Metrics
 from invariant.gateway.records import Record, covers, etag, record_from_choice, render_response, render_stream, truncate
 from invariant.gateway.store import Store
@@ -108,6 +110,8 @@ class Gateway:
         self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
         self.limiter = RateLimiter()
         self._inflight: dict[str, asyncio.Task] = {}
+        self._live: dict[str, Live] = {}  # entries generated right now with a streamed upstream call
+        self._inflight_max: dict[str, int | None] = {}  # max_tokens each in-flight generation runs to
         # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
         # them. Sound because entries are immutable: same bytes, same fingerprint, same answer.
         self._hot: collections.OrderedDict[tuple, HotEntry] = collections.OrderedDict()
@@ -156,6 +160,134 @@ class Gateway:
                 log.warning("retrying on another replica: %s", exc.message)
         raise last or UpstreamError(503, "no healthy worker")
 
+    async def generate_live(self, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any], choice: int,
+                            live: Live, publish: str | None) -> Record:
+        """Like ``generate_with_retry``, but streamed from the worker into ``live`` (and, with
+        ``publish``, into that entry's Redis Stream for followers on other replicas)."""
+        fingerprint = candidates[0].fingerprint
+        up = {**self.upstream_body(resolved, body, choice), "stream_options": {"include_usage": True}}
+        ttl = self.config.lock_ttl_ms
+        last: UpstreamError | None = None
+        for ep in [c for c in candidates if c.fingerprint == fingerprint]:
+            started = time.perf_counter()
+            try:
+                async for chunk in self.upstreams.stream(ep, PATHS[resolved.kind], up):
+                    index = len(live.progress.token_ids)  # followers check continuity with it
+                    live.feed(chunk)
+                    if publish:
+                        await self.store.live_publish(publish, live_mod.event_chunk(chunk, index), ttl)
+                record = live.progress.record()
+            except UpstreamRejected:
+                self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+                raise
+            except (UpstreamError, ValueError) as exc:
+                self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+                last = exc if isinstance(exc, UpstreamError) else UpstreamError(502, str(exc))
+                log.warning("retrying on another replica: %s", last.message)
+                live.restart()
+                if publish:
+                    await self.store.live_publish(publish, live_mod.EVENT_RESTART, ttl)
+                continue
+            self.metrics.upstream_calls.labels(resolved.model, "ok").inc()
+            self.metrics.upstream_latency.labels(resolved.model).observe(time.perf_counter() - started)
+            return record
+        raise last or UpstreamError(503, "no healthy worker")
+
+    async def fill_live(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
+                        ttl: int, store: bool) -> tuple[Live | None, str]:
+        """``fill`` for a streamed request: returns at once with a ``Live`` view of the generation,
+        led here (MISS), or followed (COALESCED) here or on another replica, from its first token."""
+        fingerprint = candidates[0].fingerprint or ""
+        mine = resolved.max_tokens
+        live = self._live.get(key)
+        if live is not None and live_mod.joinable(live.max_tokens, mine):
+            return live, "COALESCED"
+        task = self._inflight.get(key)
+        if task is not None and live_mod.joinable(self._inflight_max.get(key), mine):
+            # a non-streamed generation of this entry is under way here
+            return self._live_from_task(resolved.kind, fingerprint, task), "COALESCED"
+        if live is not None or task is not None:  # a shorter one is under way here: not for us
+            return None, "MISS"
+        token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
+        if token is None:  # another replica leads: follow its stream
+            follower = Live(resolved.kind, fingerprint)
+
+            async def stored() -> Record | None:
+                record, _ = await self.store.get(key)
+                return record if record is not None and covers(record, resolved.max_tokens) else None
+
+            deadline = asyncio.get_running_loop().time() + self.config.lock_ttl_ms / 1000
+            self._spawn(live_mod.follow_remote(self.store, key, follower, deadline=deadline, stored=stored,
+                                               wanted=mine))
+            return follower, "COALESCED"
+        if store:
+            record, _ = await self.store.get(key)
+            if record is not None and covers(record, resolved.max_tokens):
+                if token != "local":
+                    await self.store.unlock(key, token)
+                done = Live(resolved.kind, fingerprint)
+                done.finish(record)
+                return done, "COALESCED"
+        if store and (self._live.get(key) is not None or self._inflight.get(key) is not None):
+            # another request here started it meanwhile: join that one instead
+            if token != "local":
+                await self.store.unlock(key, token)
+            return await self.fill_live(key, candidates, resolved, body, ttl, store)
+        live = Live(resolved.kind, fingerprint, mine)
+        publish = key if store and token != "local" else None
+
+        async def lead() -> Record:
+            try:
+                if publish:
+                    await self.store.live_publish(key, live_mod.event_max_tokens(mine), self.config.lock_ttl_ms)
+                record = await self.generate_live(candidates, resolved, body, 0, live, publish)
+                if store:
+                    await self.store.put(key, record, ttl)
+                live.finish(record)
+                if publish:
+                    await self.store.live_publish(key, live_mod.EVENT_DONE, self.config.lock_ttl_ms)
+                return record
+            except BaseException as exc:
+                live.fail(getattr(exc, "message", None) or str(exc) or type(exc).__name__, exc)
+                if publish:
+                    await self.store.live_publish(key, live_mod.event_error(live.error or "failed"),
+                                                  self.config.lock_ttl_ms)
+                raise
+            finally:
+                if self._live.get(key) is live:
+                    self._inflight.pop(key, None)
+                    self._inflight_max.pop(key, None)
+                    self._live.pop(key, None)
+                if store and token != "local":
+                    await self.store.unlock(key, token)
+
+        task = asyncio.get_running_loop().create_task(lead())
+        task.add_done_callback(_retrieve)
+        self._live[key] = live
+        self._inflight[key] = task
+        self._inflight_max[key] = mine
+        return live, "MISS"
+
+    def _live_from_task(self, kind: str, fingerprint: str, task: asyncio.Task) -> Live:
+        view = Live(kind, fingerprint)
+
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                view.fail("cancelled")
+            elif t.exception() is not None:
+                exc = t.exception()
+                view.fail(getattr(exc, "message", None) or str(exc), exc)
+            else:
+                view.finish(t.result())
+
+        task.add_done_callback(done)
+        return view
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def fill(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
                    choice: int, ttl: int, store: bool) -> tuple[Record, str]:
         """Generate one entry once across concurrent requests (here and on other replicas).
@@ -164,8 +296,10 @@ class Gateway:
         The generation runs in its own task: a leader's client hanging up does not cancel it.
         """
         task = self._inflight.get(key)
-        if task is not None:
+        if task is not None and live_mod.joinable(self._inflight_max.get(key), resolved.max_tokens):
             return await asyncio.shield(task), "COALESCED"
+        if task is not None:  # a shorter generation of this entry is under way: make our own, unshared
+            return await self.generate_with_retry(candidates, resolved, body, choice), "MISS"
         token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
         if token is None:  # another replica generates: wait for its entry
             record = await self._await_peer(key, resolved.max_tokens)
@@ -184,7 +318,7 @@ class Gateway:
         if task is not None:
             if store and token != "local":
                 await self.store.unlock(key, token)
-            return await asyncio.shield(task), "COALESCED"
+            return await self.fill(key, candidates, resolved, body, choice, ttl, store)
 
         async def lead() -> Record:
             try:
@@ -194,11 +328,13 @@ class Gateway:
                 return record
             finally:
                 self._inflight.pop(key, None)
+                self._inflight_max.pop(key, None)
                 if store and token != "local":
                     await self.store.unlock(key, token)
 
         task = asyncio.get_running_loop().create_task(lead())
         self._inflight[key] = task
+        self._inflight_max[key] = resolved.max_tokens
         return await asyncio.shield(task), "MISS"
 
     async def _await_peer(self, key: str, max_tokens: int | None) -> Record | None:
@@ -208,7 +344,7 @@ class Gateway:
             record, ok = await self.store.get(key)
             if record is not None and covers(record, max_tokens):
                 return record
-            if not ok:
+            if not ok or record is not None:  # Redis gone, or the peer's entry is too short for us
                 return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -271,6 +407,13 @@ class Gateway:
                                                   for i in range(resolved.n)))
                 outcome = "BYPASS"
                 headers["x-invariant-bypass-reason"] = reason
+            elif live_capable(resolved, body):
+                live_response = await self._live_response(kind, resolved, body, candidates, namespace, policy,
+                                                          store_allowed(cache_control), model, headers)
+                if live_response is not None:
+                    return live_response
+                records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
+                                                                store_allowed(cache_control))
             else:
                 records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
                                                                 store_allowed(cache_control))
@@ -302,6 +445,36 @@ class Gateway:
             return self._stream(kind, body, records, request_id, model, created, headers)
         return Response(_json_with_head(request_id, created, tail), media_type="application/json", headers=headers)
 
+    async def _live_response(self, kind: str, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint],
+                             namespace: str, policy: ModelPolicy, store: bool, model: str,
+                             headers: dict[str, str]) -> Response | None:
+        """A streamed miss: stream the generation as it happens (None: it is a hit, answer as usual)."""
+        key = key_for_choice(resolved, candidates[0].fingerprint or "", 0, namespace)
+        record, redis_ok = await self.store.get(key)
+        if record is not None and covers(record, resolved.max_tokens):
+            return None
+        live, outcome = await self.fill_live(key, candidates, resolved, body, policy.ttl_seconds, store and redis_ok)
+        if live is None:  # a shorter generation of this entry runs here: answer on the ordinary path
+            return None
+        await live.started()
+        if live.unjoinable:  # a peer generates a shorter one: answer this request on its own
+            return None
+        if isinstance(live.exception, UpstreamRejected):
+            return JSONResponse(live.exception.body, status_code=live.exception.status, headers=headers)
+        if live.error is not None and not live.progress.token_ids:
+            status = getattr(live.exception, "status", 502)
+            return openai_error(status, live.error, "server_error", "upstream_error", headers=headers)
+        self.metrics.cache.labels(outcome.lower()).inc()
+        headers = dict(headers, **{"x-invariant-cache": outcome, "x-invariant-live": "1"})
+        if not (redis_ok and self.store.available):
+            headers["x-invariant-cache-degraded"] = "redis-unavailable"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stream = live_mod.render(live, request_id=new_response_id(kind), model=model, created=int(time.time()),
+                                 want_logprobs=bool(body.get("logprobs")),
+                                 want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage,
+                                 max_tokens=resolved.max_tokens)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
     def _stream(self, kind: str, body: dict[str, Any], records: list[Record], request_id: str, model: str,
                 created: int, headers: dict[str, str]) -> StreamingResponse:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -325,9 +498,7 @@ class Gateway:
                 except Exception as exc:  # noqa: BLE001 - a failed replay is not a request failure
                     log.warning("background verify failed: %s", exc)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(run())
 
     # --- hot responses -----------------------------------------------------------------------------
     def _hot_get(self, key: tuple) -> HotEntry | None:
@@ -402,6 +573,17 @@ class Gateway:
             results.append({"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp})
         return {"fingerprint": candidates[0].fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
+
+
+def live_capable(resolved: Resolved, body: dict[str, Any]) -> bool:
+    """Streamed, one choice, and no tool calls (whose streamed deltas are fragments, not tokens)."""
+    return bool(body.get("stream")) and resolved.n == 1 and not body.get("tools") and not body.get("functions")
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a leader task's exception as seen (its followers and client got it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def new_response_id(kind: str) -> str:

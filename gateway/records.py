@@ -25,6 +25,9 @@ class Record:
     fingerprint: str = ""
     created: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # chat: role, tool_calls, reasoning...
+    # Whether a prefix of this entry answers a smaller max_tokens (its token strings spell its text);
+    # None for entries stored before this field existed: then pieces-per-token decides.
+    truncatable: bool | None = None
 
     @property
     def text(self) -> str:
@@ -59,6 +62,8 @@ def covers(record: Record, max_tokens: int | None) -> bool:
 
 
 def _can_truncate(record: Record) -> bool:
+    if record.truncatable is not None:
+        return record.truncatable and len(record.pieces) == len(record.token_ids)
     return len(record.pieces) == len(record.token_ids)
 
 
@@ -108,16 +113,24 @@ def pieces_from_chat(choice: dict[str, Any]) -> list[str]:
 
 
 def record_from_choice(kind: str, choice: dict[str, Any], prompt_tokens: int, fingerprint: str,
-                       created: int) -> Record:
+                       created: int, deltas: list[str] | None = None) -> Record:
+    """``deltas``: the worker's streamed text per token, when the entry was generated streamed. They
+    always spell the text (the worker holds back a split UTF-8 character until it is whole), so a
+    streamed generation is stored - and replayed - one piece per token, as it was sent live."""
     ids = list(choice.get("token_ids") or [])
     pieces = pieces_from_completion(choice) if kind == "completions" else pieces_from_chat(choice)
+    truncatable = len(pieces) == len(ids)
+    text = choice.get("text") if kind == "completions" else (choice.get("message") or {}).get("content")
+    if deltas is not None and len(deltas) == len(ids) and "".join(deltas) == (text or ""):
+        pieces = list(deltas)
     extra = {}
     if kind == "chat":
         message = choice.get("message") or {}
         extra = {k: v for k, v in message.items() if k not in ("content",) and v not in (None, [], "")}
     return Record(token_ids=ids, pieces=pieces, finish_reason=choice.get("finish_reason") or "stop",
                   stop_reason=choice.get("stop_reason"), prompt_tokens=prompt_tokens,
-                  logprobs=choice.get("logprobs"), fingerprint=fingerprint, created=created, extra=extra)
+                  logprobs=choice.get("logprobs"), fingerprint=fingerprint, created=created, extra=extra,
+                  truncatable=truncatable)
 
 
 def render_response(kind: str, records: list[Record], *, request_id: str, model: str, created: int,
@@ -135,8 +148,6 @@ def render_response(kind: str, records: list[Record], *, request_id: str, model:
             base["message"] = {"role": "assistant", "content": rec.text, **{k: v for k, v in rec.extra.items()
                                                                           if k != "role"}}
         choices.append(base)
-    completion_tokens = sum(len(r.token_ids) for r in records)
-    prompt_tokens = records[0].prompt_tokens if records else 0
     return {
         "id": request_id,
         "object": "text_completion" if kind == "completions" else "chat.completion",
@@ -144,8 +155,7 @@ def render_response(kind: str, records: list[Record], *, request_id: str, model:
         "model": model,
         "choices": choices,
         "system_fingerprint": records[0].fingerprint if records else None,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": _usage(records),
     }
 
 
@@ -158,45 +168,212 @@ def _piece_logprobs(kind: str, logprobs: Any, i: int) -> Any:
     return {key: (value[i:i + 1] if isinstance(value, list) else value) for key, value in logprobs.items()}
 
 
+def _event(kind: str, request_id: str, model: str, created: int, fingerprint: str | None,
+           choices: list[dict[str, Any]], usage: dict | None = None) -> bytes:
+    obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
+    body = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices,
+            "system_fingerprint": fingerprint}
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _token_choice(kind: str, index: int, piece: str, logprobs: Any, token_ids: list[int] | None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "finish_reason": None}
+    if kind == "completions":
+        choice["text"] = piece
+    else:
+        choice["delta"] = {"content": piece}
+    choice["logprobs"] = logprobs
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def _final_choice(kind: str, index: int, rec: Record, logprobs: Any) -> dict[str, Any]:
+    final: dict[str, Any] = {"index": index, "finish_reason": rec.finish_reason, "stop_reason": rec.stop_reason}
+    if kind == "completions":
+        final["text"] = ""
+    else:
+        final["delta"] = {k: v for k, v in rec.extra.items() if k != "role"}
+    if logprobs is not None:
+        final["logprobs"] = logprobs
+    return final
+
+
+def _usage(records: list[Record]) -> dict[str, int]:
+    completion_tokens = sum(len(r.token_ids) for r in records)
+    prompt_tokens = records[0].prompt_tokens if records else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+ROLE_CHOICE = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
 def render_stream(kind: str, records: list[Record], *, request_id: str, model: str, created: int,
                   want_logprobs: bool, want_token_ids: bool, include_usage: bool) -> Iterator[bytes]:
     """Canonical SSE: one chunk per token piece per choice, then the finish chunk, usage, [DONE]."""
-    obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
+    fingerprint = records[0].fingerprint if records else None
 
     def event(choices: list[dict[str, Any]], usage: dict | None = None) -> bytes:
-        body = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices,
-                "system_fingerprint": records[0].fingerprint if records else None}
-        if usage is not None:
-            body["usage"] = usage
-        return b"data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+        return _event(kind, request_id, model, created, fingerprint, choices, usage)
 
     for index, rec in enumerate(records):
         if kind == "chat":
-            yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            yield event([{**ROLE_CHOICE, "index": index}])
         per_token = len(rec.pieces) == len(rec.token_ids)
-        steps = len(rec.pieces)
-        for i in range(steps):
-            choice: dict[str, Any] = {"index": index, "finish_reason": None}
-            if kind == "completions":
-                choice["text"] = rec.pieces[i]
-            else:
-                choice["delta"] = {"content": rec.pieces[i]}
-            choice["logprobs"] = _piece_logprobs(kind, rec.logprobs, i) if (want_logprobs and per_token) else None
-            if want_token_ids:
-                choice["token_ids"] = rec.token_ids[i:i + 1] if per_token else rec.token_ids
-            yield event([choice])
-        final: dict[str, Any] = {"index": index, "finish_reason": rec.finish_reason, "stop_reason": rec.stop_reason}
-        if kind == "completions":
-            final["text"] = ""
-        else:
-            final["delta"] = {k: v for k, v in rec.extra.items() if k != "role"}
-        if want_logprobs and not per_token:
-            final["logprobs"] = rec.logprobs
-        yield event([final])
+        for i in range(len(rec.pieces)):
+            lp = _piece_logprobs(kind, rec.logprobs, i) if (want_logprobs and per_token) else None
+            ids = (rec.token_ids[i:i + 1] if per_token else rec.token_ids) if want_token_ids else None
+            yield event([_token_choice(kind, index, rec.pieces[i], lp, ids)])
+        yield event([_final_choice(kind, index, rec, rec.logprobs if (want_logprobs and not per_token) else None)])
     if include_usage:
-        completion_tokens = sum(len(r.token_ids) for r in records)
-        prompt_tokens = records[0].prompt_tokens if records else 0
-        yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens})
+        yield event([], _usage(records))
     yield b"data: [DONE]\n\n"
+
+
+# --- live generations ---------------------------------------------------------------------------
+
+class Progress:
+    """A generation in progress, assembled from the worker's stream (one choice).
+
+    ``feed`` takes the worker's SSE chunks; ``record()`` is then what the worker's non-streamed
+    response would have given (the same text, token ids, logprobs, finish reason and usage), so the
+    stored entry does not depend on whether it was generated streamed. ``tokens`` are the per-token
+    steps known so far, for followers who stream the tail live.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.texts: list[str] = []
+        self.deltas: list[str] = []  # text per token, while every chunk carries exactly one token
+        self.per_token = True
+        self.token_ids: list[int] = []
+        self.lp_tokens: list[str] = []
+        self.lp: dict[str, list] = {}  # completions: text_offset, token_logprobs, tokens, top_logprobs
+        self.lp_content: list[Any] = []  # chat
+        self.extra: dict[str, Any] = {}
+        self.finish_reason: str | None = None
+        self.stop_reason: Any = None
+        self.prompt_tokens = 0
+        self.created = 0
+        self.fingerprint = ""
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        self.created = self.created or int(chunk.get("created") or 0)
+        self.fingerprint = chunk.get("system_fingerprint") or self.fingerprint
+        usage = chunk.get("usage")
+        if usage:
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        if chunk.get("prompt_token_ids"):  # chat: on the first chunk
+            self.prompt_tokens = len(chunk["prompt_token_ids"])
+        for choice in chunk.get("choices") or []:
+            if choice.get("prompt_token_ids"):  # completions: on the first chunk
+                self.prompt_tokens = len(choice["prompt_token_ids"])
+            if self.kind == "completions":
+                self.texts.append(choice.get("text") or "")
+                for key, value in (choice.get("logprobs") or {}).items():
+                    self.lp.setdefault(key, []).extend(value or [])
+                self.lp_tokens = self.lp.get("tokens", [])
+            else:
+                delta = choice.get("delta") or {}
+                self.texts.append(delta.get("content") or "")
+                self.extra.update({k: v for k, v in delta.items() if k not in ("content", "role")})
+                content = (choice.get("logprobs") or {}).get("content") or []
+                self.lp_content.extend(content)
+                self.lp_tokens = [c.get("token", "") for c in self.lp_content]
+            ids = choice.get("token_ids") or []
+            piece = self.texts[-1]
+            if len(ids) == 1:
+                self.deltas.append(piece)
+            elif ids or piece:
+                self.per_token = False
+            self.token_ids.extend(ids)
+            if choice.get("finish_reason") is not None:
+                self.finish_reason = choice["finish_reason"]
+                self.stop_reason = choice.get("stop_reason")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def live_tokens(self) -> int:
+        """How many leading tokens can be sent now exactly as the canonical stream of the stored
+        entry will send them: all of them, one chunk each, while the worker sends one per chunk."""
+        return len(self.deltas) if self.per_token else 0
+
+    def spelled(self, k: int) -> bool:
+        """Whether the first k token strings spell the first k tokens' text (then a request for
+        max_tokens = k gets exactly this prefix from a fresh generation too)."""
+        return len(self.lp_tokens) >= k and "".join(self.lp_tokens[:k]) == "".join(self.deltas[:k])
+
+    def token_logprobs(self, i: int) -> Any:
+        if self.kind == "chat":
+            return {"content": self.lp_content[i:i + 1]}
+        return {key: value[i:i + 1] for key, value in self.lp.items()}
+
+    def choice(self) -> dict[str, Any]:
+        """The worker's non-streamed choice, rebuilt."""
+        base = {"index": 0, "finish_reason": self.finish_reason, "stop_reason": self.stop_reason,
+                "token_ids": list(self.token_ids)}
+        if self.kind == "completions":
+            base["text"] = self.text
+            base["logprobs"] = dict(self.lp) if self.lp else None
+        else:
+            base["message"] = {"role": "assistant", "content": self.text, **self.extra}
+            base["logprobs"] = {"content": list(self.lp_content)} if self.lp_content else None
+        return base
+
+    def prefix_record(self, k: int) -> Record:
+        """The first k tokens as the entry for max_tokens = k (k <= live_tokens(): they spell
+        their text), before the generation has ended; deterministic decoding makes it final."""
+        if k > self.live_tokens() or not self.spelled(k):
+            raise ValueError(f"the first {k} tokens are not known as a truncatable prefix")
+        rec = Record(token_ids=self.token_ids[:k], pieces=self.deltas[:k], finish_reason="length",
+                     prompt_tokens=self.prompt_tokens, fingerprint=self.fingerprint, created=self.created,
+                     extra=dict(self.extra) if self.kind == "chat" else {}, truncatable=True)
+        if self.kind == "chat":
+            rec.logprobs = {"content": self.lp_content[:k]} if self.lp_content else None
+        else:
+            rec.logprobs = {key: value[:k] for key, value in self.lp.items()} if self.lp else None
+        return rec
+
+    def record(self) -> Record:
+        if self.finish_reason is None:
+            raise ValueError("the worker's stream ended without a finish reason")
+        return record_from_choice(self.kind, self.choice(), self.prompt_tokens, self.fingerprint, self.created,
+                                  deltas=self.deltas if self.per_token else None)
+
+
+def render_live_token(kind: str, progress: Progress, i: int, *, request_id: str, model: str, created: int,
+                      fingerprint: str, want_logprobs: bool, want_token_ids: bool) -> bytes:
+    """Token i of a live generation, byte for byte the chunk ``render_stream`` gives for it."""
+    lp = progress.token_logprobs(i) if want_logprobs else None
+    ids = progress.token_ids[i:i + 1] if want_token_ids else None
+    return _event(kind, request_id, model, created, fingerprint,
+                  [_token_choice(kind, 0, progress.deltas[i], lp, ids)])
+
+
+def render_stream_rest(kind: str, rec: Record, sent: int, *, request_id: str, model: str, created: int,
+                       want_logprobs: bool, want_token_ids: bool, include_usage: bool,
+                       sent_chars: int = 0) -> Iterator[bytes]:
+    """What ``render_stream([rec])`` sends after its first ``sent`` token chunks (and the role chunk)."""
+    chunks = list(render_stream(kind, [rec], request_id=request_id, model=model, created=created,
+                                want_logprobs=want_logprobs, want_token_ids=want_token_ids,
+                                include_usage=include_usage))
+    head = 1 if kind == "chat" else 0
+    per_token = len(rec.pieces) == len(rec.token_ids)
+    if per_token or sent == 0:
+        yield from chunks[head + (sent if per_token else 0):]
+        return
+    # Rare: tokens were sent live one per chunk, but the entry is stored whole (a worker chunk carried
+    # several tokens later on). Send the rest of the text in one chunk, then the end.
+    ids = rec.token_ids[sent:] if want_token_ids else None
+    yield _event(kind, request_id, model, created, rec.fingerprint,
+                 [_token_choice(kind, 0, rec.text[sent_chars:], None, ids)])
+    yield from chunks[head + 1:]
+
+
+def render_role_chunk(*, request_id: str, model: str, created: int, fingerprint: str) -> bytes:
+    return _event("chat", request_id, model, created, fingerprint, [dict(ROLE_CHOICE)])

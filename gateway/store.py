@@ -41,6 +41,7 @@ class Store:
         self._l1: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
         self._l1_max = l1_entries
         self._release = self._redis.register_script(RELEASE_LOCK)
+        self._reader: aioredis.Redis | None = None
 
     @property
     def available(self) -> bool:
@@ -48,6 +49,8 @@ class Store:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._reader is not None:
+            await self._reader.aclose()
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]], default: T) -> tuple[T, bool]:
         """Run a Redis call; on failure return (default, False) and open the breaker."""
@@ -115,3 +118,36 @@ class Store:
 
     async def unlock(self, key: str, token: str) -> None:
         await self._call("unlock", lambda: self._release(keys=[f"{key}:lock"], args=[token]), 0)
+
+    # --- live tails across replicas (a Redis Stream per entry in flight) ---------------------------
+    async def live_publish(self, key: str, fields: dict[str, str], ttl_ms: int) -> bool:
+        """Append one event of a generation in flight to ``{key}:live`` (expires with the lock)."""
+        async def add():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(f"{key}:live", fields, maxlen=100_000, approximate=True)
+            pipe.pexpire(f"{key}:live", ttl_ms)
+            return await pipe.execute()
+
+        _, ok = await self._call("live", add, None)
+        return ok
+
+    async def live_read(self, key: str, last_id: str, block_ms: int) -> tuple[list[tuple[str, dict]], bool]:
+        """Events after ``last_id`` (blocking up to ``block_ms``): [(id, fields)], whether Redis answered.
+        Uses its own connection: a blocking read must not hold the short-timeout pool's sockets."""
+        try:
+            res = await self._live_reader().xread({f"{key}:live": last_id}, count=1000, block=block_ms)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return [], False
+        events = []
+        for _stream, entries in res or []:
+            for event_id, fields in entries:
+                events.append((event_id.decode() if isinstance(event_id, bytes) else event_id,
+                               {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                                for k, v in fields.items()}))
+        return events, True
+
+    def _live_reader(self):
+        if self._reader is None:
+            self._reader = aioredis.from_url(self.url, socket_timeout=5.0, socket_connect_timeout=self.timeout,
+                                             retry_on_timeout=False, health_check_interval=0)
+        return self._reader

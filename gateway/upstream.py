@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import httpx
 
@@ -110,3 +111,38 @@ class Upstreams:
             raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {data.get('system_fingerprint')}, "
                                      f"expected {ep.fingerprint}")
         return data
+
+    async def stream(self, ep: Endpoint, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """One streamed call: the worker's SSE chunks, parsed. Failures as for ``post``; a chunk
+        stamped with another fingerprint than the endpoint's aborts the call (nothing is stored)."""
+        try:
+            async with self.client.stream("POST", f"{ep.url}{path}", json={**body, "stream": True}) as resp:
+                if resp.status_code >= 500:
+                    ep.healthy, ep.error = False, f"HTTP {resp.status_code}"
+                    raise UpstreamError(502, f"worker {ep.url} answered {resp.status_code}")
+                if resp.status_code >= 400:
+                    raw = await resp.aread()
+                    try:
+                        raise UpstreamRejected(resp.status_code, json.loads(raw))
+                    except ValueError as exc:
+                        raise UpstreamError(502, f"worker {ep.url} answered non-JSON") from exc
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        return
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError as exc:
+                        raise UpstreamError(502, f"worker {ep.url} streamed non-JSON") from exc
+                    if "error" in chunk and "choices" not in chunk:
+                        raise UpstreamError(502, f"worker {ep.url} failed mid-stream: {chunk['error']}")
+                    fp = chunk.get("system_fingerprint")
+                    if fp is not None and fp != ep.fingerprint:
+                        asyncio.get_running_loop().create_task(self.check(ep))
+                        raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {fp}, expected {ep.fingerprint}")
+                    yield chunk
+        except httpx.HTTPError as exc:
+            ep.healthy, ep.error = False, f"{type(exc).__name__}: {exc}"
+            raise UpstreamError(502, f"worker {ep.url} failed: {type(exc).__name__}") from exc

@@ -47,6 +47,7 @@ def _worker_options(args: argparse.Namespace):
         served_model_name=args.served_model_name,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_gib=args.kv_cache_gib,
+        invariance=not args.no_invariance,
         extra_vllm_args=tuple(args.engine_arg or ()),
         expect_gpu_product=args.expect_gpu_product,
         expect_driver_version=args.expect_driver_version,
@@ -81,7 +82,8 @@ def _fingerprint(args: argparse.Namespace) -> None:
 def _fingerprint_options(args: argparse.Namespace):
     from invariant.worker.options import WorkerOptions
 
-    return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size)
+    return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                         invariance=not args.no_invariance)
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -116,6 +118,15 @@ def _operator(args: argparse.Namespace) -> None:
     kopf_main(argv, standalone_mode=False)
 
 
+def _bench_determinism(args: argparse.Namespace) -> None:
+    from invariant.determinism import BenchError, run
+
+    try:
+        run(args)
+    except BenchError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--model", required=model_required, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -125,6 +136,8 @@ def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> Non
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per worker (CUDA only)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size in GiB (default 1)")
+    p.add_argument("--no-invariance", action="store_true",
+                   help="serve stock vLLM kernels (for controls and comparisons); the fingerprint says so")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     fp.add_argument("--dtype", default="auto", help="as for `invariant worker`")
     fp.add_argument("--tensor-parallel-size", type=int, default=1)
+    fp.add_argument("--no-invariance", action="store_true", help="the fingerprint of a --no-invariance worker")
     fp.add_argument("--json", action="store_true", help="print all parts as JSON")
     fp.set_defaults(func=_fingerprint)
 
@@ -203,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default=None, help="where default models and logs go (default ~/.cache/invariant)")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
     up.set_defaults(func=_up)
+
+    bench = sub.add_parser("bench", help="benchmarks and experiments").add_subparsers(dest="bench", required=True)
+    from invariant import determinism
+
+    determinism.add_parser(bench)
+    bench.choices["determinism"].set_defaults(func=_bench_determinism)
     return parser
 
 

@@ -52,6 +52,8 @@ def worker_command(args: argparse.Namespace, model: Path) -> list[str]:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if args.served_model_name:
         cmd += ["--served-model-name", args.served_model_name]
+    if args.no_invariance:
+        cmd += ["--no-invariance"]
     return cmd
 
 

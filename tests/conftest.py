@@ -22,6 +22,7 @@ import pytest
 from invariant.modelmaker import ModelSpec, make_model
 
 WORKER_START_TIMEOUT = 300
+HERE_HOOKS = Path(__file__).resolve().parent / "hooks"  # test-only sitecustomize (see its docstring)
 
 
 def free_port() -> int:
@@ -54,7 +55,8 @@ class RunningWorker:
                 self.proc.wait()
 
 
-def start_worker(model_dir: Path, log_dir: Path, *extra: str, name: str | None = None) -> RunningWorker:
+def start_worker(model_dir: Path, log_dir: Path, *extra: str, name: str | None = None,
+                 env: dict | None = None) -> RunningWorker:
     port = free_port()
     name = name or model_dir.name
     log = log_dir / f"worker-{port}.log"
@@ -62,7 +64,7 @@ def start_worker(model_dir: Path, log_dir: Path, *extra: str, name: str | None =
         proc = subprocess.Popen(
             [sys.executable, "-m", "invariant", "worker", "--model", str(model_dir), "--port", str(port),
              "--served-model-name", name, "--max-model-len", "1024", *extra],
-            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
         )
     return RunningWorker(f"http://127.0.0.1:{port}", port, model_dir, name, proc, log)
 

@@ -68,3 +68,41 @@ def test_unspellable_tokens_are_never_truncated():
 def test_etag_is_the_token_ids():
     assert etag([[1, 2]]) == etag([[1, 2]]) != etag([[1, 3]])
     assert Record.loads(record().dumps()) == record()
+
+
+# --- live generations (pure): chunks as vLLM 0.32 streams them, recorded from a real worker ----------
+STREAM = [
+    {"id": "c", "object": "text_completion", "created": 7, "model": "m", "choices": [{"index": 0, "text": "So", "logprobs": {"text_offset": [0], "token_logprobs": [-4.35], "tokens": ["So"], "top_logprobs": [{"So": -4.35}]}, "finish_reason": None, "stop_reason": None, "prompt_token_ids": [258, 76, 325, 261, 265], "token_ids": [653]}]},
+    {"id": "c", "object": "text_completion", "created": 7, "model": "m", "choices": [{"index": 0, "text": "", "logprobs": {"text_offset": [2], "token_logprobs": [-3.81], "tokens": [""], "top_logprobs": [{"": -3.81}]}, "finish_reason": None, "stop_reason": None, "prompt_token_ids": None, "token_ids": [106]}]},
+    {"id": "c", "object": "text_completion", "created": 7, "model": "m", "choices": [{"index": 0, "text": "", "logprobs": {"text_offset": [2], "token_logprobs": [-3.91], "tokens": [""], "top_logprobs": [{"": -3.91}]}, "finish_reason": "length", "stop_reason": None, "prompt_token_ids": None, "token_ids": [107]}]},
+    {"id": "c", "object": "text_completion", "created": 7, "model": "m", "choices": [], "usage": {"prompt_tokens": 5, "total_tokens": 8, "completion_tokens": 3}, "system_fingerprint": "inv-x"},
+]
+WHOLE = {"index": 0, "text": "So", "logprobs": {"text_offset": [0, 2, 2], "token_logprobs": [-4.35, -3.81, -3.91], "tokens": ["So", "", ""], "top_logprobs": [{"So": -4.35}, {"": -3.81}, {"": -3.91}]}, "finish_reason": "length", "stop_reason": None, "token_ids": [653, 106, 107]}
+
+
+def test_a_streamed_generation_records_what_the_non_streamed_one_does():
+    from invariant.gateway.records import Progress, record_from_choice
+
+    p = Progress("completions")
+    for chunk in STREAM:
+        p.feed(chunk)
+    streamed = p.record()
+    whole = record_from_choice("completions", WHOLE, 5, "inv-x", 7)
+    for field in ("token_ids", "pieces", "finish_reason", "prompt_tokens", "logprobs", "fingerprint", "created"):
+        assert getattr(streamed, field) == getattr(whole, field), field
+    assert p.live_tokens() == 3 and p.spelled(3)
+
+
+def test_live_tokens_render_the_canonical_stream_bytes():
+    from invariant.gateway.records import Progress, render_live_token, render_stream, render_stream_rest
+
+    p = Progress("completions")
+    for chunk in STREAM:
+        p.feed(chunk)
+    kw = dict(request_id="r", model="m", created=1, want_logprobs=True, want_token_ids=True)
+    canonical = list(render_stream("completions", [p.record()], include_usage=True, **kw))
+    live = [render_live_token("completions", p, i, fingerprint="inv-x", **kw) for i in range(2)]
+    live += list(render_stream_rest("completions", p.record(), 2, include_usage=True, **kw))
+    assert live == canonical
+    prefix = p.prefix_record(2)
+    assert prefix.token_ids == [653, 106] and prefix.finish_reason == "length" and prefix.pieces == ["So", ""]

@@ -22,6 +22,8 @@ class WorkerState:
     # The sampling parameters vLLM fills in when a request omits them (from generation_config):
     # the gateway needs them to key an omitted parameter and its explicit default alike.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    # The start-up canary's verdict (invariant mode): alone vs in a crowd, bitwise.
+    canary: dict[str, Any] = field(default_factory=lambda: {"ok": None, "message": "canary has not run yet"})
     ready: bool = False
     reasons: list[str] = field(default_factory=lambda: ["starting: warm-up generation has not finished"])
 
@@ -39,11 +41,12 @@ def invariant_router(state: WorkerState) -> APIRouter:
     @router.get("/fingerprint")
     async def fingerprint() -> dict[str, Any]:
         return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts,
-                "sampling_defaults": state.sampling_defaults}
+                "sampling_defaults": state.sampling_defaults, "canary": state.canary}
 
     @router.get("/ready")
     async def ready() -> JSONResponse:
-        body = {"ready": state.ready, "fingerprint": state.fingerprint, "reasons": state.reasons}
+        body = {"ready": state.ready, "fingerprint": state.fingerprint, "reasons": state.reasons,
+                "canary": state.canary}
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     return router

@@ -14,8 +14,9 @@ import signal
 import uuid
 from typing import Any
 
+from invariant.worker import canary
 from invariant.worker.fingerprint import collect_parts, compute_fingerprint
-from invariant.worker.options import WorkerOptions, pin_disagreements, validate
+from invariant.worker.options import WorkerConfigError, WorkerOptions, pin_disagreements, validate
 from invariant.worker.routes import WorkerState, invariant_router
 
 log = logging.getLogger("invariant.worker")
@@ -34,16 +35,40 @@ def kernel_config(*, cuda: bool, invariance: bool) -> dict[str, Any]:
     if cuda:
         return {"backend": "cuda", "enforce_eager": False,
                 "batch_invariant": "vllm" if invariance else "off"}
-    return {
+    config: dict[str, Any] = {
         "backend": "cpu",
         # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
         # depends on the ISA it detects at run time: the CPU worker runs eager, with no compile at all.
         "enforce_eager": True,
         "torch_compile": "disabled",
         "threads": torch.get_num_threads(),
-        # The CPU invariant kernels (plugin) are not in this build yet: stock vLLM CPU ops serve.
-        "batch_invariant": "off",
+        "batch_invariant": "invariant-cpu" if invariance else "off",
+        "attn_split_kv": not invariance and os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "1") != "0",
     }
+    if invariance:
+        from invariant.kernels.cpu import native
+
+        # Our kernels' machine code decides the bits: source digest, compiler and flags.
+        config["cpu_kernels_build"] = native.build_identity()
+    return config
+
+
+def check_cpu_invariance_ready() -> None:
+    """Fail in one line, before the engine starts, where the CPU plugin could not do its job."""
+    from invariant.kernels.cpu import native
+    from invariant.worker import plugin
+
+    if os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0"):
+        raise WorkerConfigError("VLLM_BATCH_INVARIANT is set, but upstream's invariant mode is Triton-only and kills "
+                                "the engine on the CPU: unset it (invariant's CPU kernels are on by default)")
+    if os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "0") not in ("", "0"):
+        raise WorkerConfigError("VLLM_CPU_ATTN_SPLIT_KV=1 splits attention across threads by batch and breaks "
+                                "invariance: unset it, or run with --no-invariance")
+    try:
+        plugin.check_version(plugin.installed_vllm_version())
+        native.library()
+    except (plugin.PluginVersionError, native.KernelBuildError) as exc:
+        raise WorkerConfigError(str(exc)) from exc
 
 
 def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
@@ -55,6 +80,10 @@ def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
     if cuda and options.invariance:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
     if not cuda:
+        from invariant.worker import plugin
+
+        # Read by our vLLM plugin in every process vLLM starts (children inherit the environment).
+        os.environ[plugin.ENV] = "cpu" if options.invariance else "off"
         # vLLM compiles parts of its sampler with torch.compile even in eager mode; on CPU that is
         # inductor C++ generated for the detected ISA (and it has failed to build here). Eager only.
         os.environ["TORCH_COMPILE_DISABLE"] = "1"
@@ -84,7 +113,9 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     """Validate, fingerprint and translate the options; no engine yet (``serving`` checks the port)."""
     cuda = cuda_available()
     _, dtype = validate(options, cuda=cuda, check_port=serving)
-    invariance = bool(options.invariance and cuda)
+    invariance = bool(options.invariance)
+    if invariance and not cuda:
+        check_cpu_invariance_ready()
     parts = collect_parts(
         model_dir=options.model,
         dtype=dtype,
@@ -100,14 +131,24 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     return vllm_argv(options, dtype=dtype, fingerprint=fingerprint, cuda=cuda), state
 
 
-async def warm_up(engine_client, state: WorkerState) -> None:
-    """One real generation through the engine; only then is the worker ready."""
+async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> None:
+    """One real generation through the engine, then (invariant mode) the canary; only then ready."""
     from vllm import SamplingParams
 
     try:
         params = SamplingParams(temperature=0.0, max_tokens=1)
         async for _ in engine_client.generate({"prompt": "ready"}, params, f"invariant-warmup-{uuid.uuid4().hex}"):
             pass
+        if invariance:
+            verdict, alone, crowd = await canary.run(engine_client)
+            state.canary = canary.summary(verdict, alone, crowd)
+            if not verdict.ok:
+                state.mark_failed(state.canary["message"])
+                log.error("worker not ready: %s", state.canary["message"])
+                return
+            log.info("%s", state.canary["message"])
+        else:
+            state.canary = {"ok": None, "message": "canary skipped: invariance is off (--no-invariance)"}
     except Exception as exc:  # noqa: BLE001 - report any failure as unready, with the reason
         state.mark_failed(f"warm-up generation failed: {exc}")
         log.error("worker not ready: warm-up generation failed: %s", exc)
@@ -135,7 +176,7 @@ async def serve(argv: list[str], state: WorkerState) -> None:
             state.sampling_defaults = dict(engine_client.model_config.get_diff_sampling_param())
             app.include_router(invariant_router(state))
             await init_app_state(engine_client, app.state, args, supported_tasks)
-            warmup = asyncio.create_task(warm_up(engine_client, state))
+            warmup = asyncio.create_task(warm_up(engine_client, state, invariance=state.parts["invariance"]))
             log.info("invariant worker listening on %s", listen_address)
             shutdown = await serve_http(
                 app,

@@ -1,0 +1,217 @@
+"""Generations in flight that streamed requests can join: the prefix so far, then the live tail.
+
+The leader of a single-flight generation streams from the worker and feeds a :class:`Live`; local
+followers read it directly, and the leader also appends each worker chunk to a Redis Stream
+(``{key}:live``) so that followers on other gateway replicas can replay the prefix and follow the
+tail (:func:`follow_remote`). Every reader renders canonical SSE (``records.render_live_token`` and
+``render_stream_rest``): the bytes are those a replay from the stored entry gives.
+
+If the worker fails mid-stream the leader retries on another replica of the same fingerprint and
+starts the progress over; readers keep their count of tokens sent, and since the numerics are the
+same, the regenerated tokens are the same ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+from invariant.gateway.records import (Progress, Record, render_live_token, render_role_chunk,
+                                       render_stream_rest, truncate)
+
+
+def joinable(leader_max: int | None, mine: int | None) -> bool:
+    """A generation for ``leader_max`` tokens answers a request for ``mine`` (its prefix does)."""
+    return leader_max is None or (mine is not None and mine <= leader_max)
+
+
+class Live:
+    def __init__(self, kind: str, fingerprint: str, max_tokens: int | None = None) -> None:
+        self.kind = kind
+        self.fingerprint = fingerprint
+        self.max_tokens = max_tokens  # the leader's: who may join (see ``joinable``)
+        self.unjoinable = False  # a peer's generation turned out shorter than this request wants
+        self.progress = Progress(kind)
+        self.record: Record | None = None
+        self.error: str | None = None
+        self.exception: BaseException | None = None
+        self._changed = asyncio.Event()
+        self._started = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.record is not None or self.error is not None
+
+    def _notify(self) -> None:
+        self._started.set()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def started(self) -> None:
+        """The first chunk arrived, or the generation ended (a rejected request ends before any)."""
+        await self._started.wait()
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        self.progress.feed(chunk)
+        self._notify()
+
+    def restart(self) -> None:
+        self.progress = Progress(self.kind)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def finish(self, record: Record) -> None:
+        self.record = record
+        self._notify()
+
+    def fail(self, message: str, exception: BaseException | None = None) -> None:
+        self.error = message
+        self.exception = exception
+        self._notify()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+async def render(live: Live, *, request_id: str, model: str, created: int, want_logprobs: bool,
+                 want_token_ids: bool, include_usage: bool, max_tokens: int | None = None) -> AsyncIterator[bytes]:
+    """Canonical SSE of a live generation: what is known now at once, then each token as it comes.
+    ``max_tokens`` (this request's, at most the leader's) ends the stream as a shorter entry would."""
+    if live.kind == "chat":
+        yield render_role_chunk(request_id=request_id, model=model, created=created, fingerprint=live.fingerprint)
+    sent = sent_chars = 0
+    prefix: Record | None = None
+    while True:
+        waiter = asyncio.ensure_future(live.changed())
+        try:
+            ready = live.progress.live_tokens()
+            if max_tokens is not None:
+                ready = min(ready, max_tokens)
+            while sent < ready:
+                yield render_live_token(live.kind, live.progress, sent, request_id=request_id, model=model,
+                                        created=created, fingerprint=live.fingerprint,
+                                        want_logprobs=want_logprobs, want_token_ids=want_token_ids)
+                sent_chars += len(live.progress.deltas[sent])
+                sent += 1
+            if max_tokens is not None and sent == max_tokens and not (
+                    live.record is not None and len(live.record.token_ids) <= max_tokens):
+                try:
+                    prefix = live.progress.prefix_record(max_tokens)  # final: decoding is deterministic
+                    break
+                except ValueError:
+                    pass  # not a truncatable prefix (split UTF-8): wait for the whole entry
+            if live.done:
+                break
+            await waiter
+        finally:
+            waiter.cancel()
+    if prefix is not None:
+        for chunk in render_stream_rest(live.kind, prefix, sent, request_id=request_id, model=model,
+                                        created=created, want_logprobs=want_logprobs,
+                                        want_token_ids=want_token_ids, include_usage=include_usage):
+            yield chunk
+        return
+    if live.record is None:
+        error = {"error": {"message": f"the generation failed: {live.error}", "type": "server_error",
+                           "param": None, "code": "upstream_error"}}
+        yield b"data: " + json.dumps(error).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+        return
+    record = live.record
+    if max_tokens is not None and len(record.token_ids) > max_tokens:
+        record = truncate(record, max_tokens)
+    for chunk in render_stream_rest(live.kind, record, sent, request_id=request_id, model=model,
+                                    created=created, want_logprobs=want_logprobs, want_token_ids=want_token_ids,
+                                    include_usage=include_usage, sent_chars=sent_chars):
+        yield chunk
+
+
+# --- the Redis side -------------------------------------------------------------------------------
+def event_chunk(chunk: dict[str, Any], index: int) -> dict[str, str]:
+    """A worker chunk and the number of tokens before it (a follower detects a lost event by it)."""
+    return {"c": json.dumps(chunk, separators=(",", ":")), "i": str(index)}
+
+
+EVENT_RESTART = {"restart": "1"}
+
+
+def event_max_tokens(max_tokens: int | None) -> dict[str, str]:
+    return {"max_tokens": "none" if max_tokens is None else str(max_tokens)}
+EVENT_DONE = {"done": "1"}
+
+
+def event_error(message: str) -> dict[str, str]:
+    return {"error": message}
+
+
+async def follow_remote(store, key: str, live: Live, *, deadline: float, block_ms: int = 500,
+                        stored=None, wanted: int | None = None) -> None:
+    """Feed ``live`` from a peer replica's ``{key}:live`` stream until it is done, fails, or the
+    deadline passes. ``stored`` (an async function) returns the entry once the peer has stored it:
+    a stream that never appears (the peer generated without streaming, or Redis dropped it) ends
+    with the stored entry instead."""
+    try:
+        await _follow(store, key, live, deadline=deadline, block_ms=block_ms, stored=stored, wanted=wanted)
+    except Exception as exc:  # noqa: BLE001 - a reader that dies must end its stream, not hang it
+        live.fail(f"following the replica that generates this entry failed: {type(exc).__name__}: {exc}")
+
+
+async def _follow(store, key: str, live: Live, *, deadline: float, block_ms: int, stored, wanted) -> None:
+    last = "0"
+    frozen = False
+    failures = 0
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        events, ok = await store.live_read(key, last, block_ms)
+        if not ok:  # Redis slow or away for a moment: the stored entry may still come; retry a while
+            failures += 1
+            record = await stored() if stored is not None else None
+            if record is not None:
+                live.finish(record)
+                return
+            if failures >= 40:
+                break
+            await asyncio.sleep(0.1)
+            continue
+        failures = 0
+        for event_id, fields in events:
+            last = event_id
+            if "max_tokens" in fields:
+                leader = None if fields["max_tokens"] == "none" else int(fields["max_tokens"])
+                if not joinable(leader, wanted):
+                    live.unjoinable = True
+                    live.fail("the replica generating this entry generates fewer tokens than asked")
+                    return
+            elif "c" in fields:
+                if frozen or int(fields.get("i", -1)) != len(live.progress.token_ids):
+                    frozen = True  # an event was lost (a publish timed out): stop here, take the entry
+                    continue
+                live.feed(json.loads(fields["c"]))
+            elif "restart" in fields:
+                live.restart()
+                frozen = False
+            elif "done" in fields:
+                # The leader stored the entry before saying done: it is the truth; the replayed
+                # chunks are only a fallback when Redis did not keep the entry.
+                record = await stored() if stored is not None else None
+                if record is not None:
+                    live.finish(record)
+                elif not frozen:
+                    try:
+                        live.finish(live.progress.record())
+                    except ValueError as exc:
+                        live.fail(str(exc))
+                else:
+                    live.fail("the live stream lost events and the entry was not stored")
+                return
+            elif "error" in fields:
+                live.fail(fields["error"])
+                return
+        if not events and stored is not None:
+            record = await stored()
+            if record is not None:
+                live.finish(record)
+                return
+    if not live.done:
+        live.fail("the replica generating this entry went quiet")

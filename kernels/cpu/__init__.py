@@ -1,0 +1,1 @@
+"""CPU half of the batch-invariant kernels."""

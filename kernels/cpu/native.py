@@ -1,0 +1,112 @@
+"""Build and load the C kernels (``*.c`` beside this file) once per source, compiler and flags.
+
+A plain C shared object loaded with ctypes, not a torch extension: it compiles in about a second
+with the system's C compiler and needs no torch headers or ninja. ctypes releases the GIL during the
+call. The library links OpenMP by soname ``libgomp.so.1``; torch's wheel ships a library with that
+soname and loads it first, so both share one thread pool.
+
+The compiled bits depend on the source, the compiler and the flags, so all three are part of
+:func:`build_identity`, which the worker puts into the numerics fingerprint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+SOURCES = ("gemm.c", "rowops.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared")
+HERE = Path(__file__).resolve().parent
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernels cannot be built or loaded on this machine (one line, with the reason)."""
+
+
+def compiler() -> str:
+    wanted = os.environ.get("CC")
+    cc = shutil.which(wanted) if wanted else (shutil.which("cc") or shutil.which("gcc"))
+    if not cc:
+        where = f"CC={wanted} is not an executable" if wanted else "no cc or gcc on PATH"
+        raise KernelBuildError(f"invariant CPU kernels need a C compiler ({where}): install gcc, "
+                               "or run the worker with --no-invariance")
+    return cc
+
+
+@lru_cache(maxsize=1)
+def compiler_version() -> str:
+    out = subprocess.run([compiler(), "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout.splitlines() or ["unknown"])[0].strip()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_isa() -> None:
+    missing = {"avx2", "fma"} - cpu_flags()
+    if missing:
+        raise KernelBuildError(f"invariant CPU kernels need x86-64 with AVX2 and FMA; this CPU lacks {', '.join(sorted(missing))}")
+
+
+@lru_cache(maxsize=1)
+def build_identity() -> dict[str, str]:
+    """What decides the compiled code: source digest, compiler version, flags."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    return {"source_sha256": digest.hexdigest()[:16], "compiler": compiler_version(), "flags": " ".join(FLAGS)}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("INVARIANT_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "invariant", "kernels")
+    return Path(root)
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The loaded kernels, compiled on first use into the cache (atomic rename: safe across processes)."""
+    check_isa()
+    ident = build_identity()
+    key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"invariant_cpu_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            cmd = [compiler(), *FLAGS, *(str(HERE / s) for s in SOURCES), "-o", str(out)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                first = (res.stderr.strip().splitlines() or ["no output"])[0]
+                raise KernelBuildError(f"building the invariant CPU kernels failed: {first}")
+            os.replace(out, target)
+    import torch  # noqa: F401 - load torch's libgomp first, so the kernels share its OpenMP runtime
+
+    lib = ctypes.CDLL(str(target))
+    lib.invariant_gemm.restype = ctypes.c_int
+    lib.invariant_gemm.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+    ]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.invariant_rms_norm.restype = ctypes.c_int
+    lib.invariant_rms_norm.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                                       ctypes.c_float, ctypes.c_int]
+    lib.invariant_softmax.restype = ctypes.c_int
+    lib.invariant_softmax.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.invariant_mean.restype = ctypes.c_int
+    lib.invariant_mean.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    return lib

@@ -1,0 +1,150 @@
+"""Single flight with live tails: a streamed request that arrives while its entry is being generated
+gets the prefix so far at once and then the tail as it is generated, on this gateway replica or on
+another one (through the entry's Redis Stream); bytes are the canonical stream's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from test_gateway_service import Gateway, redis_server  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.engine
+
+LONG = 900  # tokens (of the workers' 1024): seconds on the tiny model, so a follower arrives mid-stream even on a loaded CI machine
+
+
+def body(worker, prompt: str, max_tokens: int = LONG, **extra) -> dict:
+    return dict(model=worker.name, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=1,
+                return_token_ids=True, ignore_eos=True, stream=True, **extra)
+
+
+def canonical(lines: list[str]) -> list[str]:
+    """SSE data lines with the per-response id and created time blanked (they differ by design)."""
+    out = []
+    for line in lines:
+        if line.startswith("data: {"):
+            data = json.loads(line[6:])
+            data["id"], data["created"] = "-", 0
+            out.append(json.dumps(data, sort_keys=True))
+        elif line.startswith("data: "):
+            out.append(line)
+    return out
+
+
+def tokens_in(line: str) -> int:
+    if not line.startswith("data: {"):
+        return 0
+    return sum(len(c.get("token_ids") or []) for c in json.loads(line[6:])["choices"] if c.get("finish_reason") is None)
+
+
+async def read_stream(client, url, payload, *, after_tokens=None, started=None):
+    """Read a stream; returns (headers, lines, t_first_token, t_end). With ``after_tokens`` set,
+    ``started`` (an Event) is set once that many tokens arrived."""
+    lines, seen, first = [], 0, None
+    async with client.stream("POST", url, json=payload) as resp:
+        headers = resp.headers
+        async for line in resp.aiter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            n = tokens_in(line)
+            if n and first is None:
+                first = time.monotonic()
+            seen += n
+            if started is not None and after_tokens is not None and seen >= after_tokens:
+                started.set()
+    return headers, lines, first, time.monotonic()
+
+
+async def leader_and_follower(leader_url, follower_url, payload, follower_payload=None):
+    async with httpx.AsyncClient(timeout=300) as client:
+        mid = asyncio.Event()
+        lead = asyncio.create_task(read_stream(client, leader_url, payload, after_tokens=5, started=mid))
+        await asyncio.wait_for(mid.wait(), 120)
+        follow = await read_stream(client, follower_url, follower_payload or payload)
+        return await lead, follow
+
+
+@pytest.fixture(scope="module")
+def gateway(worker_pair, redis_server, tmp_path_factory):  # noqa: F811
+    gw = Gateway(worker_pair, redis_server.url, tmp_path_factory.mktemp("gw-live"))
+    yield gw
+    gw.stop()
+
+
+def test_a_mid_stream_follower_gets_the_prefix_and_the_live_tail(gateway, worker):
+    payload = body(worker, "A follower joins a generation in flight")
+    before = gateway.upstream_calls()
+    (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _) = asyncio.run(
+        leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload))
+    assert lh["x-invariant-cache"] == "MISS" and fh["x-invariant-cache"] == "COALESCED"
+    assert lh["x-invariant-live"] == fh["x-invariant-live"] == "1"
+    assert gateway.upstream_calls() - before == 1
+    assert follow_first < lead_end, "the follower saw its first tokens only after the generation ended"
+    assert canonical(follow_lines) == canonical(lead_lines)
+    assert sum(tokens_in(x) for x in lead_lines) == LONG
+    # and the stored entry replays to the same bytes
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=payload, timeout=120) as replay:
+        assert replay.headers["x-invariant-cache"] == "HIT"
+        assert canonical([x for x in replay.iter_lines() if x]) == canonical(lead_lines)
+
+
+def test_a_shorter_follower_ends_at_its_max_tokens_bitwise(gateway, worker):
+    payload = body(worker, "A shorter follower reads a prefix of a longer generation")
+    short = dict(payload, max_tokens=40)
+    (_, lead_lines, _, _), (fh, follow_lines, _, _) = asyncio.run(
+        leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload, short))
+    assert fh["x-invariant-cache"] == "COALESCED"
+    fresh = httpx.post(f"{worker.url}/v1/completions", json={**short, "stream": False}, timeout=120).json()
+    got = [json.loads(x[6:]) for x in follow_lines if x.startswith("data: {")]
+    ids = [t for c in got for ch in c["choices"] for t in (ch.get("token_ids") or [])]
+    lps = [v for c in got for ch in c["choices"] for v in ((ch.get("logprobs") or {}).get("token_logprobs") or [])]
+    assert ids == fresh["choices"][0]["token_ids"] and len(ids) == 40
+    assert lps == fresh["choices"][0]["logprobs"]["token_logprobs"]
+    assert [ch["finish_reason"] for c in got for ch in c["choices"] if ch.get("finish_reason")] == ["length"]
+
+
+def test_a_longer_request_does_not_join_a_shorter_generation(gateway, worker):
+    payload = body(worker, "A longer request never takes a shorter answer", max_tokens=60)
+    longer = dict(payload, max_tokens=LONG)
+    (_, lead_lines, _, _), (fh, follow_lines, _, _) = asyncio.run(
+        leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload, longer))
+    assert sum(tokens_in(x) for x in lead_lines) == 60
+    assert sum(tokens_in(x) for x in follow_lines) == LONG
+
+
+def test_a_follower_on_another_replica_follows_through_redis(worker_pair, redis_server, tmp_path):  # noqa: F811
+    a, b = Gateway(worker_pair, redis_server.url, tmp_path), Gateway(worker_pair, redis_server.url, tmp_path)
+    try:
+        payload = body(worker_pair[0], "Two replicas share one live generation")
+        before = a.upstream_calls() + b.upstream_calls()
+        (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _) = asyncio.run(
+            leader_and_follower(f"{a.url}/v1/completions", f"{b.url}/v1/completions", payload))
+        assert lh["x-invariant-cache"] == "MISS" and fh["x-invariant-cache"] == "COALESCED"
+        assert a.upstream_calls() + b.upstream_calls() - before == 1
+        assert follow_first < lead_end
+        assert canonical(follow_lines) == canonical(lead_lines)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_chat_streams_live_too(gateway, worker):
+    payload = dict(model=worker.name, messages=[{"role": "user", "content": "Stream a long chat answer"}],
+                   max_tokens=LONG, temperature=0, logprobs=True, top_logprobs=0, ignore_eos=True, stream=True,
+                   return_token_ids=True,
+                   stream_options={"include_usage": True})
+    (lh, lead_lines, _, _), (fh, follow_lines, _, _) = asyncio.run(
+        leader_and_follower(f"{gateway.url}/v1/chat/completions", f"{gateway.url}/v1/chat/completions", payload))
+    assert (lh["x-invariant-cache"], fh["x-invariant-cache"]) == ("MISS", "COALESCED")
+    assert canonical(follow_lines) == canonical(lead_lines)
+    usage = json.loads(lead_lines[-2][6:])["usage"]
+    assert usage["completion_tokens"] == LONG and usage["prompt_tokens"] > 0
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=payload, timeout=120) as replay:
+        assert replay.headers["x-invariant-cache"] == "HIT"
+        assert canonical([x for x in replay.iter_lines() if x]) == canonical(lead_lines)

