@@ -52,14 +52,21 @@ class Store:
         if self._reader is not None:
             await self._reader.aclose()
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], default: T) -> tuple[T, bool]:
-        """Run a Redis call; on failure return (default, False) and open the breaker."""
-        if not self.available:
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], default: T, *,
+                    breaker: bool = True) -> tuple[T, bool]:
+        """Run a Redis call; on failure return (default, False) and open the breaker. Best-effort
+        calls (``breaker=False``: live events, whose loss followers detect and repair) neither
+        respect nor open the breaker, so one slow publish under load cannot make the entry's own
+        store that follows it skip Redis."""
+        if breaker and not self.available:
             return default, False
         try:
             return await asyncio.wait_for(fn(), self.timeout * 4), True
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self.metrics.redis_errors.labels(op).inc()
+            if not breaker:
+                log.warning("redis %s failed (%s)", op, type(exc).__name__)
+                return default, False
             self._open_until = time.monotonic() + self.breaker_seconds
             log.warning("redis %s failed (%s); serving uncached for %.1fs", op, type(exc).__name__,
                         self.breaker_seconds)
@@ -100,10 +107,12 @@ class Store:
         return Record.loads(raw), ok
 
     async def put(self, key: str, record: Record, ttl: int) -> bool:
+        """Store an entry; returns whether Redis took it. The in-process copy is kept either way:
+        entries are exact (same key, same bytes), so this replica may serve it even when Redis
+        could not take it, and a generation is never thrown away for a Redis hiccup."""
         raw = record.dumps()
+        self._l1_put(key, raw, ttl)
         _, ok = await self._call("set", lambda: self._redis.set(key, raw, ex=ttl or None), None)
-        if ok:
-            self._l1_put(key, raw, ttl)
         return ok
 
     # --- single flight across replicas -------------------------------------------------------------
@@ -128,7 +137,7 @@ class Store:
             pipe.pexpire(f"{key}:live", ttl_ms)
             return await pipe.execute()
 
-        _, ok = await self._call("live", add, None)
+        _, ok = await self._call("live", add, None, breaker=False)
         return ok
 
     async def live_read(self, key: str, last_id: str, block_ms: int) -> tuple[list[tuple[str, dict]], bool]:
