@@ -1,0 +1,172 @@
+"""Attention over a paged KV cache (vLLM's layout), prefill and decode in one kernel.
+
+The KV axis is cut into splits of ``ATTN_SPLIT`` tokens at absolute positions (a split *size*, never
+a count), each split walked in ``ATTN_BLOCK_N`` blocks with an online softmax, and the splits' partial
+results folded in split order by a second kernel. A query at position p therefore reduces over the
+same blocks in the same order whether its keys were cached or computed in this step, whether it is
+decoded alone or prefilled with 4,000 other tokens, and whatever else is in the batch: blocks that a
+longer row of the same tile needs but this row does not are fully masked and add exact zeros.
+
+Rows of a tile are (query token, query head of the KV head's group) pairs, so a KV block is read once
+for the whole GQA group. One block shape and warp count for every call (``configs``): the reduction
+trees inside a row depend on the register layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from invariant.kernels.gpu import configs
+from invariant.kernels.gpu.device import arch_of
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-batch launch metadata (built once per step, like vLLM's attention metadata)."""
+
+    tile_seq: torch.Tensor  # [tiles] the sequence of each row tile
+    tile_row0: torch.Tensor  # [tiles] its first row within the sequence's rows
+    token_seq: torch.Tensor  # [T] the sequence of each query token
+    max_splits: int
+    group: int
+
+
+def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, group: int) -> Plan:
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    B = q_lens.numel()
+    tiles = (q_lens * group + configs.ATTN_BLOCK_M - 1) // configs.ATTN_BLOCK_M
+    n_tiles = int(tiles.sum())
+    seqs = torch.arange(B, device=q_lens.device)
+    tile_seq = torch.repeat_interleave(seqs, tiles, output_size=n_tiles)
+    first = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles, output_size=n_tiles)
+    tile_row0 = (torch.arange(n_tiles, device=q_lens.device) - first) * configs.ATTN_BLOCK_M
+    T = int(q_lens.sum())
+    token_seq = torch.repeat_interleave(seqs, q_lens, output_size=T)
+    max_len = int(seq_lens.max()) if B else 0
+    return Plan(tile_seq.to(torch.int32), tile_row0.to(torch.int32), token_seq.to(torch.int32),
+                max(1, -(-max_len // configs.ATTN_SPLIT)), group)
+
+
+@triton.jit
+def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws, acc_ws,
+                qk_scale, T, HQ,
+                s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_tb,
+                PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = tl.load(tile_seq + tile)
+    row0 = tl.load(tile_row0 + tile)
+    q0 = tl.load(qsl + b)
+    q_len = tl.load(qsl + b + 1) - q0
+    seq_len = tl.load(seq_lens + b)
+    rows = row0 + tl.arange(0, BM)
+    t = rows // G
+    g = rows % G
+    row_ok = t < q_len
+    pos = seq_len - q_len + t  # absolute position of each row's query
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, tl.max(tl.where(row_ok, pos, -1), axis=0) + 1)
+    if hi <= lo:
+        return
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    head = kvh * G + g
+    qv = tl.load(q + (q0 + t)[:, None] * s_qt + head[:, None] * s_qh + d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for n0 in range(lo, hi, BN):
+        tok = n0 + tl.arange(0, BN)
+        tok_ok = tok < seq_len
+        page = tl.load(table + b * s_tb + tok // PAGE, mask=tok_ok, other=0)
+        slot = tok % PAGE
+        k = tl.load(kc + page[None, :] * s_kb + slot[None, :] * s_kt + kvh * s_kh + d[:, None],
+                    mask=tok_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(qv, k) * qk_scale
+        visible = (tok[None, :] <= pos[:, None]) & (tok[None, :] >= lo) & row_ok[:, None]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc + page[:, None] * s_vb + slot[:, None] * s_vt + kvh * s_vh + d[None, :],
+                    mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out_row = split * T + (q0 + t)
+    ok = row_ok & (lo <= pos)
+    tl.store(m_ws + out_row * HQ + head, m, mask=ok)
+    tl.store(l_ws + out_row * HQ + head, l, mask=ok)
+    tl.store(acc_ws + (out_row * HQ + head)[:, None] * D + d[None, :], acc, mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot, s_oh,
+                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.load(token_seq + tok)
+    q0 = tl.load(qsl + b)
+    q_len = tl.load(qsl + b + 1) - q0
+    pos = tl.load(seq_lens + b) - q_len + (tok - q0)
+    n = pos // SPLIT + 1
+    mx = tl.load(m_ws + tok * HQ + head)
+    for s in range(1, n):
+        mx = tl.maximum(mx, tl.load(m_ws + (s * T + tok) * HQ + head))
+    d = tl.arange(0, BD)
+    total = 0.0
+    acc = tl.zeros((BD,), dtype=tl.float32)
+    for s in range(0, n):
+        w = tl.exp2(tl.load(m_ws + (s * T + tok) * HQ + head) - mx)
+        total += tl.load(l_ws + (s * T + tok) * HQ + head) * w
+        acc += tl.load(acc_ws + ((s * T + tok) * HQ + head) * D + d, mask=d < D, other=0.0) * w
+    tl.store(out + tok * s_ot + head * s_oh + d, (acc / total).to(out.dtype.element_ty), mask=d < D)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float | None = None,
+                    plan_: Plan | None = None) -> torch.Tensor:
+    """Causal attention of ``q`` [T, Hq, D] (the batch's query tokens, packed by sequence, each
+    sequence's last ``q_len`` positions) over ``k_cache``/``v_cache`` [blocks, page, Hkv, D]
+    through ``block_table`` [B, pages]; ``seq_lens`` [B] counts cached plus new tokens."""
+    arch_of(q.device)
+    T, HQ, D = q.shape
+    _, page, HKV, _ = k_cache.shape
+    if HQ % HKV:
+        raise ValueError(f"paged_attention: {HQ} query heads are not a multiple of {HKV} KV heads")
+    G = HQ // HKV
+    if configs.ATTN_BLOCK_M % G:
+        raise ValueError(f"paged_attention: GQA group {G} does not divide the row tile {configs.ATTN_BLOCK_M}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("paged_attention: the head dim must be contiguous")
+    p = plan_ or plan(query_start_loc, seq_lens, G)
+    out = torch.empty_like(q)
+    if T == 0:
+        return out
+    S = p.max_splits
+    m_ws = torch.empty((S, T, HQ), device=q.device, dtype=torch.float32)
+    l_ws = torch.empty_like(m_ws)
+    acc_ws = torch.empty((S, T, HQ, D), device=q.device, dtype=torch.float32)
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    BD = triton.next_power_of_2(D)
+    _attn_split[(p.tile_seq.numel(), HKV, S)](
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, p.tile_seq, p.tile_row0,
+        m_ws, l_ws, acc_ws, scale * LOG2E, T, HQ,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
+        PAGE=page, G=G, D=D, BD=BD, BM=configs.ATTN_BLOCK_M, BN=configs.ATTN_BLOCK_N,
+        SPLIT=configs.ATTN_SPLIT, num_warps=configs.ATTN_WARPS, num_stages=2)
+    _attn_combine[(T, HQ)](out, m_ws, l_ws, acc_ws, seq_lens, query_start_loc, p.token_seq, T, HQ,
+                           out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=configs.ATTN_SPLIT, num_warps=1)
+    return out

@@ -1,0 +1,112 @@
+"""Launch configurations of the Triton kernels: fixed per GPU architecture, shipped in the package.
+
+Why no autotuner: a tuner picks by timing, so two pods could pick two configurations and serve two
+numerics. Here a configuration is a pure function of (architecture, shapes), and the part of it that
+decides bits is pinned separately:
+
+* GEMM: each output element's K reduction is cut into chunks of ``MM_CHUNK_K`` (from K alone, never
+  from M), each chunk accumulated in steps of ``MM_BLOCK_K``, the chunk sums added in chunk order.
+  The tile shape (``BM``, ``BN``, warps, stages) and whether the chunks are computed by one program
+  or by one program each (split-K) do not change the bits (measured on the device: see
+  docs/gpu-kernels.md), so each M takes the fastest.
+* Row ops: one program per row; block and warps depend on the row length only.
+* Attention: one block shape and warp count for every call (the per-row reductions' tree depends
+  on the register layout), KV in splits of ``ATTN_SPLIT`` tokens at absolute positions, so cached
+  and fresh tokens, prefill and decode, reduce in one order.
+
+``identity()`` digests all of it (and the kernel sources) for the numerics fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SOURCES = ("matmul.py", "rowops.py", "attention.py", "configs.py")
+
+# --- what decides the bits --------------------------------------------------------------------------
+MM_BLOCK_K = 64
+MM_CHUNK_K = 1024
+ATTN_BLOCK_M = 64
+ATTN_BLOCK_N = 64
+ATTN_WARPS = 4
+ATTN_SPLIT = 512  # tokens per KV split (a size, never a count)
+ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """How one GEMM launch is shaped. Never changes the bits (see the module docstring)."""
+
+    bm: int
+    bn: int
+    warps: int
+    stages: int
+    split: bool  # one program per (tile, K chunk), partial sums added by a second kernel in chunk order
+    group_m: int = 8
+
+
+def chunks(K: int) -> int:
+    return max(1, -(-K // MM_CHUNK_K))
+
+
+def mm_config(M: int, N: int, K: int, sms: int = 132, arch: str = "sm90") -> MMConfig:
+    """Tile shape by M (decode rows to prefill batches); split K when the tiles cannot fill the GPU."""
+    if arch == "interpret":  # small tiles keep the CPU interpreter quick; the bits are the same
+        return MMConfig(16, 32, 4, 1, split=chunks(K) > 1 and M <= 16)
+    table = SM90 if arch.startswith("sm9") or arch.startswith("sm10") else DEFAULT
+    for max_m, bm, bn, warps, stages in table:
+        if M <= max_m:
+            break
+    tiles = -(-M // bm) * -(-N // bn)
+    split = chunks(K) > 1 and tiles < sms
+    return MMConfig(bm, bn, warps, stages, split)
+
+
+# (largest M, BM, BN, warps, stages); first row whose M bound holds.
+SM90 = (
+    (16, 16, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (256, 64, 128, 4, 4),
+    (1 << 62, 128, 256, 8, 3),
+)
+DEFAULT = (
+    (16, 16, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (1 << 62, 128, 128, 8, 3),
+)
+
+
+def row_config(n: int) -> tuple[int, int]:
+    """(block, warps) for a row of ``n`` elements: a function of ``n`` alone."""
+    block = 1
+    while block < min(n, ROW_BLOCK_MAX):
+        block *= 2
+    warps = 1 if block <= 256 else 4 if block <= 2048 else 8
+    return block, warps
+
+
+def identity(arch: str = "sm90") -> dict[str, str]:
+    """What decides the bits of these kernels, for the numerics fingerprint."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    pinned = dict(MM_BLOCK_K=MM_BLOCK_K, MM_CHUNK_K=MM_CHUNK_K, ATTN_BLOCK_M=ATTN_BLOCK_M,
+                  ATTN_BLOCK_N=ATTN_BLOCK_N, ATTN_WARPS=ATTN_WARPS, ATTN_SPLIT=ATTN_SPLIT,
+                  ROW_BLOCK_MAX=ROW_BLOCK_MAX)
+    try:
+        import triton
+
+        version = triton.__version__
+    except ImportError:  # pragma: no cover - the kernels need triton
+        version = "none"
+    return {"triton": version, "arch": arch, "pinned": json.dumps(pinned, sort_keys=True),
+            "source_sha256": digest.hexdigest()[:16],
+            "table_sha256": hashlib.sha256(json.dumps([SM90, DEFAULT]).encode()).hexdigest()[:16]}
+
+
+def describe(cfg: MMConfig) -> dict:
+    return asdict(cfg)
