@@ -61,14 +61,19 @@ def mm_config(M: int, N: int, K: int, sms: int = 132, arch: str = "sm90") -> MMC
     for max_m, bm, bn, warps, stages in table:
         if M <= max_m:
             break
-    tiles = -(-M // bm) * -(-N // bn)
-    split = chunks(K) > 1 and tiles < sms
+    tiles = lambda bn_: -(-M // bm) * -(-N // bn_)  # noqa: E731
+    # Too few tiles to fill the GPU: narrower tiles first (small M), then one program per K chunk.
+    # Measured on an H100 (docs/gpu-kernels.md): splitting at 128 tiles of 132 SMs halved the speed.
+    while bm <= 64 and bn > 32 and tiles(bn) < sms // 2:
+        bn //= 2
+    split = chunks(K) > 1 and tiles(bn) < sms // 2
     return MMConfig(bm, bn, warps, stages, split)
 
 
-# (largest M, BM, BN, warps, stages); first row whose M bound holds.
+# (largest M, BM, BN, warps, stages); first row whose M bound holds. From the tile sweep of
+# bench/gpu_kernels.py on an H100 (docs/results/gpu_kernels.md).
 SM90 = (
-    (16, 16, 64, 4, 4),
+    (16, 16, 64, 4, 6),
     (64, 64, 64, 4, 4),
     (256, 64, 128, 4, 4),
     (1 << 62, 128, 256, 8, 3),

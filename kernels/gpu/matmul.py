@@ -72,7 +72,7 @@ def _mm(a, b, c, bias, ws, M, N, K,
     if SPLIT:
         # partial sums of chunk ``chunk_id``: ws is [chunks, batch, M, N] fp32, contiguous
         nb = tl.num_programs(2)
-        w_ptr = ws + ((chunk_id * nb + batch) * M + rm[:, None]) * N + rn[None, :]
+        w_ptr = ws + ((chunk_id * nb + batch).to(tl.int64) * M + rm[:, None]) * N + rn[None, :]  # > 2**31
         tl.store(w_ptr, total, mask=m_ok & n_ok)
     else:
         if HAS_BIAS:
@@ -91,7 +91,7 @@ def _reduce(ws, c, bias, M, N, S, NB, s_cb, s_cm, s_cn,
     ok = offs < M * N
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
-        total += tl.load(ws + (s * NB + batch) * M * N + offs, mask=ok, other=0.0)
+        total += tl.load(ws + (s * NB + batch).to(tl.int64) * M * N + offs, mask=ok, other=0.0)
     rm = offs // N
     rn = offs % N
     if HAS_BIAS:
