@@ -166,7 +166,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         PAGE=page, G=G, D=D, BD=BD, BM=configs.ATTN_BLOCK_M, BN=configs.ATTN_BLOCK_N,
-        SPLIT=configs.ATTN_SPLIT, num_warps=configs.ATTN_WARPS, num_stages=2)
+        SPLIT=configs.ATTN_SPLIT, num_warps=configs.ATTN_WARPS, num_stages=3)
     _attn_combine[(T, HQ)](out, m_ws, l_ws, acc_ws, seq_lens, query_start_loc, p.token_seq, T, HQ,
                            out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=configs.ATTN_SPLIT, num_warps=1)
     return out

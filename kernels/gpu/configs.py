@@ -33,7 +33,7 @@ MM_CHUNK_K = 1024
 ATTN_BLOCK_M = 64
 ATTN_BLOCK_N = 64
 ATTN_WARPS = 4
-ATTN_SPLIT = 512  # tokens per KV split (a size, never a count)
+ATTN_SPLIT = 256  # tokens per KV split (a size, never a count)
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
 
