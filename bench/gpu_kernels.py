@@ -30,11 +30,15 @@ import torch
 LAYERS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096),
           "lm_head": (4096, 151936)}
 MS = [1, 16, 64, 256, 1024, 4096]
+# (BM, BN, warps, stages, TMA)
 SWEEP = {
-    16: [(16, 64, 4, 4), (16, 128, 4, 4), (16, 32, 4, 4), (16, 64, 4, 6)],
-    64: [(64, 64, 4, 4), (64, 128, 4, 4), (32, 64, 4, 4), (64, 32, 4, 4)],
-    256: [(64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 256, 8, 3)],
-    1 << 62: [(128, 256, 8, 3), (128, 128, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 4, 4)],
+    16: [(16, 64, 4, 4, 0), (16, 128, 4, 4, 0), (16, 32, 4, 4, 0), (16, 64, 4, 6, 0), (64, 64, 4, 4, 1)],
+    64: [(64, 64, 4, 4, 0), (64, 128, 4, 4, 0), (32, 64, 4, 4, 0), (64, 32, 4, 4, 0), (64, 64, 4, 4, 1),
+         (64, 128, 4, 4, 1)],
+    256: [(64, 128, 4, 4, 0), (128, 128, 8, 3, 0), (128, 64, 4, 4, 0), (64, 256, 8, 3, 0), (64, 128, 4, 4, 1),
+          (128, 128, 8, 3, 1), (128, 256, 8, 3, 1)],
+    1 << 62: [(128, 256, 8, 3, 0), (128, 128, 8, 3, 0), (256, 128, 8, 3, 0), (128, 256, 8, 3, 1),
+              (128, 256, 8, 4, 1), (128, 128, 8, 4, 1), (256, 128, 8, 3, 1), (128, 128, 4, 4, 1)],
 }
 
 
@@ -82,9 +86,9 @@ def linear_rows(impl: str, quick: bool) -> list[dict]:
                 for max_m, cands in SWEEP.items():
                     if M <= max_m:
                         break
-                for bm, bn, warps, stages in cands:
-                    for split in ((False, True) if configs.chunks(K) > 1 else (False,)):
-                        cfg = configs.MMConfig(bm, bn, warps, stages, split)
+                for bm, bn, warps, stages, tma in cands:
+                    for split in ((False,) if tma or configs.chunks(K) == 1 else (False, True)):
+                        cfg = configs.MMConfig(bm, bn, warps, stages, split, tma=bool(tma))
                         if cfg == shipped:
                             continue
                         try:
@@ -170,6 +174,37 @@ def attention_rows(quick: bool) -> list[dict]:
                              ratio=t_ours / best, ours_tb_s=gb / t_ours, rel_err=err))
             print(f"  attn B={B} ctx={ctx}: ours {t_ours:.3f} ms, sdpa[{best_name}] {best:.3f} ms", file=sys.stderr)
             del kc, vc, k, v
+    return rows
+
+
+def attention_variants() -> list[dict]:
+    """Timing of other (block_m, block_n, split, warps) shapes of our attention: each would be another
+    pinned numerics, so this informs the next pin; the shipped shape is the first row."""
+    from invariant.kernels.gpu import attention, configs
+
+    HQ, HKV, D, PAGE = 32, 8, 128, 16
+    shipped = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS)
+    shapes = [shipped, (16, 64, 256, 4), (16, 64, 512, 4), (64, 64, 512, 4), (16, 128, 512, 4), (64, 128, 512, 8),
+              (16, 64, 1024, 4), (16, 128, 1024, 8)]
+    rows = []
+    for B, ctx in [(1, 4096), (1, 32768), (8, 8192), (64, 8192)]:
+        pages = ctx // PAGE
+        kc = torch.randn(B * pages, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        table = torch.randperm(B * pages, device="cuda", dtype=torch.int32).reshape(B, pages)
+        q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
+        seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+        qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+        for shape in shapes:
+            plan = attention.plan(qsl, seq_lens, HQ // HKV, shape[0], shape[2])
+            try:
+                t = bench(lambda: attention.paged_attention(q, kc, vc, table, seq_lens, qsl, plan_=plan, _shape=shape))
+            except Exception as exc:  # noqa: BLE001 - a shape the compiler refuses
+                print(f"  attn shape {shape}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            rows.append(dict(batch=B, context=ctx, shape=list(shape), ms=t, shipped=shape == shipped))
+            print(f"  attn B={B} ctx={ctx} shape={shape}: {t:.4f} ms", file=sys.stderr, flush=True)
+        del kc, vc
     return rows
 
 
@@ -276,10 +311,12 @@ def main() -> None:
     rows = row_ops()
     print("[5/5] decode attention", file=sys.stderr, flush=True)
     att = attention_rows(args.quick)
+    variants = [] if args.quick else attention_variants()
     props = torch.cuda.get_device_properties(0)
     res = dict(meta=dict(device=f"{props.name}, {props.multi_processor_count} SMs", torch=torch.__version__,
                          triton=triton.__version__, date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0)),
-               summary=summarize(linear), linear=linear, rowops=rows, attention=att)
+               summary=summarize(linear), linear=linear, rowops=rows, attention=att,
+               attention_variants=variants)
     (args.out / "gpu_kernels.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (args.out / "gpu_kernels.md").write_text(md)

@@ -39,7 +39,9 @@ VLLM = "0.26.0"
 # tokenizers, numpy, aiohttp, httpx, pyyaml, prometheus-client, ...). Pins follow vLLM's metadata.
 REQUIREMENTS = [
     "fastapi>=0.133,<0.137", "starlette", "pydantic", "annotated-types", "typing-inspection", "uvicorn",
-    "openai", "distro", "jiter", "sniffio", "truststore", "xgrammar", "apache-tvm-ffi==0.1.10",
+    "openai", "distro", "jiter", "sniffio", "httpx2", "httpcore2", "truststore",
+    # xgrammar 0.2.3+ needs apache-tvm-ffi >= 0.1.11 (load_lib_module(extra_lib_paths=)); vLLM pins 0.1.10
+    "xgrammar==0.2.2", "apache-tvm-ffi==0.1.10",
     "llguidance>=1.7,<1.8", "outlines-core==0.2.14", "lm-format-enforcer==0.11.3", "interegular", "msgspec",
     "pyzmq", "blake3", "cbor2", "pybase64", "partial-json-parser", "prometheus-fastapi-instrumentator",
     "setproctitle", "watchfiles", "python-json-logger", "ijson", "lark==1.2.2", "cachetools",
@@ -72,6 +74,19 @@ def requires(wheel: Path, name: str) -> list[str]:
             and "extra ==" not in ln]
 
 
+def norm(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_").strip()
+
+
+def version_key(version: str) -> tuple:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (0, Version(version))
+    except InvalidVersion:
+        return (1, version)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(".carry"))
@@ -89,10 +104,14 @@ def main() -> None:
     for core in requires(pyd, "pydantic-core"):
         print(f"[+] {core}", flush=True)
         download(core.replace(" ", ""), args.wheels)
-    wheels = sorted(args.wheels.glob("*.whl"))
-    names = {}
-    for w in wheels:  # one version per package: the newest downloaded
-        names[w.name.split("-")[0].lower()] = w
+    pins = {norm(spec.split("==")[0]): spec.split("==")[1] for spec in specs if "==" in spec}
+    pins.update({norm(c.split("==")[0]): c.split("==")[1] for c in requires(pyd, "pydantic-core") if "==" in c})
+    names: dict[str, Path] = {}
+    for w in sorted(args.wheels.glob("*.whl"), key=lambda w: version_key(w.name.split("-")[1])):
+        name, ver = norm(w.name.split("-")[0]), w.name.split("-")[1]
+        if name in pins and ver != pins[name]:
+            continue  # the cache may hold other versions from earlier runs
+        names[name] = w  # one version per package: the pinned one, else the newest
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "site"
         for w in sorted(names.values()):

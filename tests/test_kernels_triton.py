@@ -77,10 +77,24 @@ def test_matmul_split_and_whole_tiles_give_the_same_bits_and_the_right_numbers(d
     if ON_GPU:
         shapes += [configs.MMConfig(bm, bn, wp, st_, split=sp) for bm, bn, wp, st_ in
                    [(16, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3)] for sp in (False, True)]
+        shapes += [configs.MMConfig(bm, bn, wp, st_, split=False, tma=True) for bm, bn, wp, st_ in
+                   [(64, 128, 4, 4), (128, 256, 8, 3), (128, 128, 8, 4)]]
     outs = [matmul.linear(a, w, b, config=c) for c in shapes]
     for c, o in zip(shapes, outs):
         assert torch.equal(o, outs[0]), c
     assert rel(outs[0], a.double() @ w.double().T + b.double()) < TOL[dtype]
+
+
+def test_matmul_tma_tiles_give_the_bits_of_pointer_tiles():
+    """The TMA path (Hopper; aligned bf16/fp16 rows) fills out-of-range K and M with zeros as the
+    masked loads do: same chunked sum, same bits, ragged edges included."""
+    M, N, K = 37 * BIG, 72 * BIG, 2112 * BIG  # 2112 = 2 chunks + 64: a ragged last chunk
+    a, w, b = randn(M, K, dtype=torch.bfloat16, seed=13), randn(N, K, dtype=torch.bfloat16, seed=14), randn(N, dtype=torch.bfloat16, seed=15)
+    tiles = [(16, 32, 4, 1)] if not ON_GPU else [(64, 128, 4, 4), (128, 256, 8, 3), (128, 128, 8, 4)]
+    ref = matmul.linear(a, w, b, config=configs.MMConfig(16, 32, 4, 1, split=True))
+    for bm, bn, wp, st_ in tiles:
+        assert torch.equal(matmul.linear(a, w, b, config=configs.MMConfig(bm, bn, wp, st_, split=False, tma=True)), ref)
+    assert torch.equal(matmul.linear(a[:1], w, b, config=configs.MMConfig(16, 32, 4, 1, split=False, tma=True)), ref[:1])
 
 
 def test_matmul_any_strides_and_bmm_per_matrix():

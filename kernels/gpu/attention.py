@@ -38,20 +38,23 @@ class Plan:
     group: int
 
 
-def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, group: int) -> Plan:
+def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, group: int, block_m: int | None = None,
+         split: int | None = None) -> Plan:
+    block_m = block_m or configs.ATTN_BLOCK_M
+    split = split or configs.ATTN_SPLIT
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
     B = q_lens.numel()
-    tiles = (q_lens * group + configs.ATTN_BLOCK_M - 1) // configs.ATTN_BLOCK_M
+    tiles = (q_lens * group + block_m - 1) // block_m
     n_tiles = int(tiles.sum())
     seqs = torch.arange(B, device=q_lens.device)
     tile_seq = torch.repeat_interleave(seqs, tiles, output_size=n_tiles)
     first = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles, output_size=n_tiles)
-    tile_row0 = (torch.arange(n_tiles, device=q_lens.device) - first) * configs.ATTN_BLOCK_M
+    tile_row0 = (torch.arange(n_tiles, device=q_lens.device) - first) * block_m
     T = int(q_lens.sum())
     token_seq = torch.repeat_interleave(seqs, q_lens, output_size=T)
     max_len = int(seq_lens.max()) if B else 0
     return Plan(tile_seq.to(torch.int32), tile_row0.to(torch.int32), token_seq.to(torch.int32),
-                max(1, -(-max_len // configs.ATTN_SPLIT)), group)
+                max(1, -(-max_len // split)), group)
 
 
 @triton.jit
@@ -136,21 +139,24 @@ def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float | None = None,
-                    plan_: Plan | None = None) -> torch.Tensor:
+                    plan_: Plan | None = None, _shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [T, Hq, D] (the batch's query tokens, packed by sequence, each
     sequence's last ``q_len`` positions) over ``k_cache``/``v_cache`` [blocks, page, Hkv, D]
-    through ``block_table`` [B, pages]; ``seq_lens`` [B] counts cached plus new tokens."""
+    through ``block_table`` [B, pages]; ``seq_lens`` [B] counts cached plus new tokens.
+    (``_shape`` = (block_m, block_n, split, warps) overrides the pinned shape: benchmarks only.)"""
+    bm, bn, split, warps = _shape or (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT,
+                                      configs.ATTN_WARPS)
     arch_of(q.device)
     T, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
     if HQ % HKV:
         raise ValueError(f"paged_attention: {HQ} query heads are not a multiple of {HKV} KV heads")
     G = HQ // HKV
-    if configs.ATTN_BLOCK_M % G:
-        raise ValueError(f"paged_attention: GQA group {G} does not divide the row tile {configs.ATTN_BLOCK_M}")
+    if bm % G:
+        raise ValueError(f"paged_attention: GQA group {G} does not divide the row tile {bm}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("paged_attention: the head dim must be contiguous")
-    p = plan_ or plan(query_start_loc, seq_lens, G)
+    p = plan_ or plan(query_start_loc, seq_lens, G, bm, split)
     out = torch.empty_like(q)
     if T == 0:
         return out
@@ -165,8 +171,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         m_ws, l_ws, acc_ws, scale * LOG2E, T, HQ,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        PAGE=page, G=G, D=D, BD=BD, BM=configs.ATTN_BLOCK_M, BN=configs.ATTN_BLOCK_N,
-        SPLIT=configs.ATTN_SPLIT, num_warps=configs.ATTN_WARPS, num_stages=3)
+        PAGE=page, G=G, D=D, BD=BD, BM=bm, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
     _attn_combine[(T, HQ)](out, m_ws, l_ws, acc_ws, seq_lens, query_start_loc, p.token_seq, T, HQ,
-                           out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=configs.ATTN_SPLIT, num_warps=1)
+                           out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=split, num_warps=1)
     return out

@@ -47,6 +47,7 @@ class MMConfig:
     stages: int
     split: bool  # one program per (tile, K chunk), partial sums added by a second kernel in chunk order
     group_m: int = 8
+    tma: bool = False  # whole tiles moved by the tensor-memory accelerator (Hopper; 2-D bf16/fp16 only)
 
 
 def chunks(K: int) -> int:

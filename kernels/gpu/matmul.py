@@ -82,6 +82,41 @@ def _mm(a, b, c, bias, ws, M, N, K,
 
 
 @triton.jit
+def _mm_tma(a_desc, b_desc, c_desc, bias, M, N, K,
+            CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    """``_mm``'s whole-tile path with tiles moved by the tensor-memory accelerator (Hopper): the same
+    chunked sum (TMA fills out-of-range K with zeros, as ``_mm``'s masks do), faster at large M."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * grid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pm = first_m + (pid % in_group) % group_size
+    pn = (pid % in_group) // group_size
+    total = tl.zeros((BM, BN), dtype=tl.float32)
+    for ci in range(0, tl.cdiv(K, CHUNK)):
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_end = tl.minimum(ci * CHUNK + CHUNK, K)
+        for k0 in range(ci * CHUNK, k_end, BK):
+            x = a_desc.load([pm * BM, k0])
+            y = b_desc.load([pn * BN, k0])
+            acc = tl.dot(x, y.T, acc)
+        total += acc
+    if HAS_BIAS:
+        rn = pn * BN + tl.arange(0, BN)
+        total = total + tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_desc.store([pm * BM, pn * BN], total.to(c_desc.dtype))
+
+
+def _tma_ok(a: torch.Tensor, bt: torch.Tensor, c: torch.Tensor) -> bool:
+    """TMA needs row-major operands with 16-byte aligned rows and bases (``bt`` is the weight [N, K])."""
+    return all(t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in (a, bt, c)) and a.dtype != torch.float32
+
+
+@triton.jit
 def _reduce(ws, c, bias, M, N, S, NB, s_cb, s_cm, s_cn,
             BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Add the chunk partials in chunk order (``0 + c_0`` is exact, so this equals ``_mm``'s sum)."""
@@ -130,6 +165,16 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
     chunk = _chunk or configs.MM_CHUNK_K
     S = -(-K // chunk)
     tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
+    if cfg.tma and not cfg.split and B == 1 and _chunk is None and _tma_ok(a[0], b[0].t(), c[0]):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bk = configs.MM_BLOCK_K
+        _mm_tma[(tiles,)](TensorDescriptor.from_tensor(a[0], [cfg.bm, bk]),
+                          TensorDescriptor.from_tensor(b[0].t(), [cfg.bn, bk]),
+                          TensorDescriptor.from_tensor(c[0], [cfg.bm, cfg.bn]), bias if bias is not None else c,
+                          M, N, K, CHUNK=configs.MM_CHUNK_K, BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
+                          HAS_BIAS=bias is not None, num_warps=cfg.warps, num_stages=cfg.stages)
+        return c
     ws = torch.empty((S, B, M, N), device=a.device, dtype=torch.float32) if cfg.split else c
     bias_arg = bias if bias is not None else c
     _mm[(tiles, S if cfg.split else 1, B)](
