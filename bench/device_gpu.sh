@@ -18,6 +18,6 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout 540 python3 bench/gpu_kernels.py --out "$OUT" ${QUICK:+--quick} 2>&1 | tee "$OUT/bench.log" | tail -80
+  timeout 585 python3 bench/gpu_kernels.py --out "$OUT" ${QUICK:+--quick} 2>&1 | tee "$OUT/bench.log" | tail -80
 fi
 exit "$status"
