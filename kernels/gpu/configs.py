@@ -30,10 +30,10 @@ SOURCES = ("matmul.py", "rowops.py", "attention.py", "configs.py")
 # --- what decides the bits --------------------------------------------------------------------------
 MM_BLOCK_K = 64
 MM_CHUNK_K = 1024
-ATTN_BLOCK_M = 64
-ATTN_BLOCK_N = 64
+ATTN_BLOCK_M = 16  # rows = (query token, GQA head) pairs; decode fills 1 token x group
+ATTN_BLOCK_N = 128
 ATTN_WARPS = 4
-ATTN_SPLIT = 256  # tokens per KV split (a size, never a count)
+ATTN_SPLIT = 512  # tokens per KV split (a size, never a count)
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
 
@@ -58,27 +58,25 @@ def mm_config(M: int, N: int, K: int, sms: int = 132, arch: str = "sm90") -> MMC
     """Tile shape by M (decode rows to prefill batches); split K when the tiles cannot fill the GPU."""
     if arch == "interpret":  # small tiles keep the CPU interpreter quick; the bits are the same
         return MMConfig(16, 32, 4, 1, split=chunks(K) > 1 and M <= 16)
-    table = SM90 if arch.startswith("sm9") or arch.startswith("sm10") else DEFAULT
-    for max_m, bm, bn, warps, stages in table:
-        if M <= max_m:
-            break
-    tiles = lambda bn_: -(-M // bm) * -(-N // bn_)  # noqa: E731
-    # Too few tiles to fill the GPU: narrower tiles first (small M), then one program per K chunk.
-    # Measured on an H100 (docs/gpu-kernels.md): splitting at 128 tiles of 132 SMs halved the speed.
-    while bm <= 64 and bn > 32 and tiles(bn) < sms // 2:
-        bn //= 2
-    split = chunks(K) > 1 and tiles(bn) < sms // 2
-    return MMConfig(bm, bn, warps, stages, split)
+    if not (arch.startswith("sm9") or arch.startswith("sm10")):
+        for max_m, bm, bn, warps, stages in DEFAULT:
+            if M <= max_m:
+                break
+        return MMConfig(bm, bn, warps, stages, split=chunks(K) > 1 and tiles(M, N, bm, bn) < sms)
+    # Hopper, from the tile sweep of bench/gpu_kernels.py on an H100 (docs/gpu-kernels.md):
+    if M <= 64:  # decode: pointer loads; one program per K chunk while the tiles leave SMs idle
+        bm = 16 if M <= 16 else 64
+        return MMConfig(bm, 64, 4, 4, split=chunks(K) > 1 and tiles(M, N, bm, 64) < sms)
+    if M <= 256 and tiles(M, N, 64, 128) < 4 * sms:
+        return MMConfig(64, 128, 4, 4, split=False, tma=True)
+    return MMConfig(128, 256, 8, 3, split=False, tma=True)
 
 
-# (largest M, BM, BN, warps, stages); first row whose M bound holds. From the tile sweep of
-# bench/gpu_kernels.py on an H100 (docs/results/gpu_kernels.md).
-SM90 = (
-    (16, 16, 64, 4, 6),
-    (64, 64, 64, 4, 4),
-    (256, 64, 128, 4, 4),
-    (1 << 62, 128, 256, 8, 3),
-)
+def tiles(M: int, N: int, bm: int, bn: int) -> int:
+    return -(-M // bm) * -(-N // bn)
+
+
+# Other architectures: (largest M, BM, BN, warps, stages); first row whose M bound holds.
 DEFAULT = (
     (16, 16, 64, 4, 3),
     (64, 64, 64, 4, 3),
@@ -111,7 +109,7 @@ def identity(arch: str = "sm90") -> dict[str, str]:
         version = "none"
     return {"triton": version, "arch": arch, "pinned": json.dumps(pinned, sort_keys=True),
             "source_sha256": digest.hexdigest()[:16],
-            "table_sha256": hashlib.sha256(json.dumps([SM90, DEFAULT]).encode()).hexdigest()[:16]}
+            "table_sha256": hashlib.sha256(json.dumps(DEFAULT).encode()).hexdigest()[:16]}
 
 
 def describe(cfg: MMConfig) -> dict:
