@@ -21,10 +21,16 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--sizes", default="1,5,64,256")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--native-norm", action="store_true", help="RMSNorm through vLLM's torch-native path, "
+                    "not its CUDA kernel (ir_op_priority)")
+    ap.add_argument("--max-batched-tokens", type=int, help="vLLM's max_num_batched_tokens (chunked-prefill budget)")
     args = ap.parse_args()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.5, seed=0)
+    extra = {"max_num_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}
+    if args.native_norm:
+        extra["ir_op_priority"] = {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
+    llm = LLM(args.model, dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.5, seed=0, **extra)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, logprobs=0, ignore_eos=True)
     prompt = "The same prompt, alone or in a crowd, must give the same bits."
     rng = random.Random(0)

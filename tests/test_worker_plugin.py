@@ -112,3 +112,15 @@ def test_a_missing_compiler_is_a_one_line_worker_error(tiny_model, tmp_path):
     assert res.returncode == 2, res.stderr
     assert "invariant CPU kernels need a C compiler (CC=/nonexistent/cc is not an executable)" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_the_gpu_canary_uses_a_crowd_past_upstreams_leak():
+    """Upstream's invariant mode (vLLM 0.26, H100) held to a batch of 64 and broke from 256 on, 25
+    decode steps in: the GPU canary's crowd and length reach past both; the CPU's stay small."""
+    gpu, cpu = canary.sizes(True), canary.sizes(False)
+    assert gpu["crowd"] + 1 > 256 and gpu["max_tokens"] > 25
+    assert cpu == {"crowd": canary.CROWD, "max_tokens": canary.MAX_TOKENS}
+    assert len(canary.fillers(gpu["crowd"])) == gpu["crowd"]
+    v = canary.Verdict(False, 25, "token ids", crowd=gpu["crowd"])
+    a = canary.Sequence((1,) * 30, (-1.0,) * 30)
+    assert f"in a batch of {gpu['crowd'] + 1}, first at position 25" in v.message(a, a)

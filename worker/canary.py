@@ -10,6 +10,7 @@ before any user sees it, and the worker stays unready with the first differing p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ PROMPT = "A reproducible answer depends on the request and the numerics, never o
 FILLER_WORDS = "the batch changes the order of every reduction unless that order is fixed".split()
 CROWD = 12
 MAX_TOKENS = 16
+# On a GPU the crowd is cheap and the leaks hide at large batches: upstream's invariant mode in
+# vLLM 0.26 holds to a batch of 64 and breaks from 256 on, 25 decode steps in (docs/gpu-vllm.md).
+GPU_CROWD = 300
+GPU_MAX_TOKENS = 48
+
+
+def sizes(cuda: bool) -> dict[str, int]:
+    """How large a crowd and how many steps the canary uses on this device."""
+    return {"crowd": GPU_CROWD, "max_tokens": GPU_MAX_TOKENS} if cuda else {"crowd": CROWD, "max_tokens": MAX_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -34,11 +44,12 @@ class Verdict:
     ok: bool
     position: int | None = None
     what: str = ""
+    crowd: int = CROWD
 
     def message(self, alone: Sequence, crowd: Sequence) -> str:
         if self.ok:
             return "canary passed: the prompt gave the same token ids and logprobs alone and in a crowd"
-        return (f"canary failed: {self.what} differ alone vs in a batch of {CROWD + 1}, first at position "
+        return (f"canary failed: {self.what} differ alone vs in a batch of {self.crowd + 1}, first at position "
                 f"{self.position} (alone {_at(alone, self.position)}, in batch {_at(crowd, self.position)})")
 
 
@@ -77,17 +88,17 @@ async def _generate(engine_client, prompt: str, params) -> Sequence:
     return Sequence(tuple(comp.token_ids), logprobs)
 
 
-async def run(engine_client) -> tuple[Verdict, Sequence, Sequence]:
+async def run(engine_client, crowd: int = CROWD, max_tokens: int = MAX_TOKENS) -> tuple[Verdict, Sequence, Sequence]:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
     alone = await _generate(engine_client, PROMPT, params)
-    crowd_params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS * 2, ignore_eos=True)
-    tasks = [asyncio.create_task(_generate(engine_client, f, crowd_params)) for f in fillers()]
+    crowd_params = SamplingParams(temperature=0.0, max_tokens=max_tokens * 2, ignore_eos=True)
+    tasks = [asyncio.create_task(_generate(engine_client, f, crowd_params)) for f in fillers(crowd)]
     await asyncio.sleep(0)  # let the crowd reach the engine first, so the prompt joins its batches
     in_crowd = await _generate(engine_client, PROMPT, params)
     await asyncio.gather(*tasks)
-    verdict = compare(alone, in_crowd)
+    verdict = dataclasses.replace(compare(alone, in_crowd), crowd=crowd)
     if not verdict.ok:
         log.error("canary: alone    token ids %s logprobs %s", list(alone.token_ids), list(alone.logprobs))
         log.error("canary: in batch token ids %s logprobs %s", list(in_crowd.token_ids), list(in_crowd.logprobs))

@@ -140,7 +140,8 @@ async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> Non
         async for _ in engine_client.generate({"prompt": "ready"}, params, f"invariant-warmup-{uuid.uuid4().hex}"):
             pass
         if invariance:
-            verdict, alone, crowd = await canary.run(engine_client)
+            on_gpu = state.parts["kernels"]["backend"] == "cuda"
+            verdict, alone, crowd = await canary.run(engine_client, **canary.sizes(on_gpu))
             state.canary = canary.summary(verdict, alone, crowd)
             if not verdict.ok:
                 state.mark_failed(state.canary["message"])
@@ -157,12 +158,27 @@ async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> Non
     log.info("invariant worker ready: fingerprint %s", state.fingerprint)
 
 
+def _server_api():
+    """vLLM's server building blocks: where 0.32 keeps them, else where 0.26 does (the version the
+    GPU device can run: docs/gpu-vllm.md). Same functions, same signatures."""
+    try:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    except ImportError:
+        from vllm.entrypoints.launcher import serve_http
+        from vllm.entrypoints.openai.api_server import (build_app, build_async_engine_client, init_app_state,
+                                                         setup_server)
+        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    return (init_app_state, build_async_engine_client, build_app, make_arg_parser, validate_parsed_serve_args,
+            serve_http, setup_server)
+
+
 async def serve(argv: list[str], state: WorkerState) -> None:
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    (init_app_state, build_async_engine_client, build_app, make_arg_parser, validate_parsed_serve_args,
+     serve_http, setup_server) = _server_api()
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     import vllm.envs as envs
 
