@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -17,5 +19,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def gpus() -> list[str]:
+    """GPU names and drivers from nvidia-smi (no torch needed); empty where there is none."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [f"{name.strip()} (driver {driver.strip()})" for name, driver in
+            (line.split(",", 1) for line in out.splitlines() if "," in line)]
+
+
 def describe() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} cores"
+    cpu = f"{cpu_model()}, {os.cpu_count()} cores"
+    gpu = gpus()
+    return f"{', '.join(gpu)}; {cpu}" if gpu else cpu

