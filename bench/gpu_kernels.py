@@ -128,23 +128,31 @@ def row_ops() -> list[dict]:
     return rows
 
 
+HQ, HKV, D, PAGE = 32, 8, 128, 16  # a Qwen3-8B-like attention layer
+
+
+def decode_case(B: int, ctx: int):
+    """One decode step's inputs: B sequences of ``ctx`` cached tokens in shuffled pages."""
+    pages = ctx // PAGE
+    kc = torch.randn(B * pages, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.randperm(B * pages, device="cuda", dtype=torch.int32).reshape(B, pages)
+    q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+    qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+    return q, kc, vc, table, seq_lens, qsl
+
+
 def attention_rows(quick: bool) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from invariant.kernels.gpu import attention
 
-    HQ, HKV, D, PAGE = 32, 8, 128, 16
     rows = []
     for B in ([1, 64] if quick else [1, 8, 32, 64]):
         for ctx in ([4096, 32768] if quick else [4096, 8192, 32768]):
-            pages = ctx // PAGE
-            kc = torch.randn(B * pages, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
-            vc = torch.randn_like(kc)
-            table = torch.randperm(B * pages, device="cuda", dtype=torch.int32).reshape(B, pages)
-            q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
-            seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-            qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+            q, kc, vc, table, seq_lens, qsl = decode_case(B, ctx)
             plan = attention.plan(qsl, seq_lens, HQ // HKV)
             t_ours = bench(lambda: attention.paged_attention(q, kc, vc, table, seq_lens, qsl, plan_=plan))
             # the same keys, contiguous, for PyTorch's SDPA (paging costs it nothing here)
@@ -182,19 +190,12 @@ def attention_variants() -> list[dict]:
     pinned numerics, so this informs the next pin; the shipped shape is the first row."""
     from invariant.kernels.gpu import attention, configs
 
-    HQ, HKV, D, PAGE = 32, 8, 128, 16
     shipped = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS)
     shapes = [shipped, (16, 64, 256, 4), (16, 64, 512, 4), (64, 64, 512, 4), (16, 128, 512, 4), (64, 128, 512, 8),
               (16, 64, 1024, 4), (16, 128, 1024, 8)]
     rows = []
     for B, ctx in [(1, 4096), (1, 32768), (8, 8192), (64, 8192)]:
-        pages = ctx // PAGE
-        kc = torch.randn(B * pages, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        table = torch.randperm(B * pages, device="cuda", dtype=torch.int32).reshape(B, pages)
-        q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
-        seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-        qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+        q, kc, vc, table, seq_lens, qsl = decode_case(B, ctx)
         for shape in shapes:
             plan = attention.plan(qsl, seq_lens, HQ // HKV, shape[0], shape[2])
             try:

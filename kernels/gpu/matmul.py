@@ -24,14 +24,8 @@ SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _mm(a, b, c, bias, ws, M, N, K,
-        s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
-        CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    chunk_id = tl.program_id(1)
-    batch = tl.program_id(2)
-    # grouped tile order (L2 reuse); which tile a program takes never changes a sum
+def _tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order (L2 reuse); which tile a program takes never changes a sum."""
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     in_group = GROUP_M * grid_n
@@ -39,6 +33,18 @@ def _mm(a, b, c, bias, ws, M, N, K,
     group_size = tl.minimum(grid_m - first_m, GROUP_M)
     pm = first_m + (pid % in_group) % group_size
     pn = (pid % in_group) // group_size
+    return pm, pn
+
+
+@triton.jit
+def _mm(a, b, c, bias, ws, M, N, K,
+        s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
+        CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    chunk_id = tl.program_id(1)
+    batch = tl.program_id(2)
+    pm, pn = _tile(pid, M, N, BM, BN, GROUP_M)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk0 = tl.arange(0, BK)
@@ -87,14 +93,7 @@ def _mm_tma(a_desc, b_desc, c_desc, bias, M, N, K,
             HAS_BIAS: tl.constexpr):
     """``_mm``'s whole-tile path with tiles moved by the tensor-memory accelerator (Hopper): the same
     chunked sum (TMA fills out-of-range K with zeros, as ``_mm``'s masks do), faster at large M."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * grid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pm = first_m + (pid % in_group) % group_size
-    pn = (pid % in_group) // group_size
+    pm, pn = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     total = tl.zeros((BM, BN), dtype=tl.float32)
     for ci in range(0, tl.cdiv(K, CHUNK)):
         acc = tl.zeros((BM, BN), dtype=tl.float32)
