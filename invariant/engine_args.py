@@ -26,7 +26,8 @@ ENGINE_ARG_WHY = {
     "--quantization": "quantization changes the numerics: ship a quantized checkpoint as the model",
     "--kv-cache-dtype": "a KV-cache dtype changes the numerics",
     "--speculative-config": "speculative decoding breaks batch invariance",
-    "--enforce-eager": "the compile mode is part of the worker image's numerics",
+    "--enforce-eager": ("the compile mode is part of the worker image's numerics, and vLLM's eager path is not "
+                        "batch-invariant on GPUs (an H100 differed from a batch of 256: docs/gpu-vllm.md)"),
     "--seed": "the seed is fixed by the worker",
 }
 

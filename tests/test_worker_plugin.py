@@ -124,3 +124,15 @@ def test_the_gpu_canary_uses_a_crowd_past_upstreams_leak():
     v = canary.Verdict(False, 25, "token ids", crowd=gpu["crowd"])
     a = canary.Sequence((1,) * 30, (-1.0,) * 30)
     assert f"in a batch of {gpu['crowd'] + 1}, first at position 25" in v.message(a, a)
+
+
+def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
+    """vLLM 0.26's invariant mode leaked from a batch of 256 in eager mode only (CUDA graphs held):
+    the worker never runs eager on a GPU, and a user cannot ask for it."""
+    from invariant.engine_args import engine_arg_errors
+    from invariant.worker.server import kernel_config
+
+    (err,) = engine_arg_errors(["--enforce-eager"])
+    assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 256" in err
+    assert kernel_config(cuda=True, invariance=True) == {"backend": "cuda", "enforce_eager": False,
+                                                         "batch_invariant": "vllm"}
