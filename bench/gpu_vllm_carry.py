@@ -101,11 +101,12 @@ def main() -> None:
         download(spec, args.wheels)
     # pydantic-core must be the exact version pydantic names
     pyd = max(args.wheels.glob("pydantic-*.whl"))
-    for core in requires(pyd, "pydantic-core"):
+    cores = requires(pyd, "pydantic-core")
+    for core in cores:
         print(f"[+] {core}", flush=True)
         download(core.replace(" ", ""), args.wheels)
     pins = {norm(spec.split("==")[0]): spec.split("==")[1] for spec in specs if "==" in spec}
-    pins.update({norm(c.split("==")[0]): c.split("==")[1] for c in requires(pyd, "pydantic-core") if "==" in c})
+    pins.update({norm(c.split("==")[0]): c.split("==")[1] for c in cores if "==" in c})
     names: dict[str, Path] = {}
     for w in sorted(args.wheels.glob("*.whl"), key=lambda w: version_key(w.name.split("-")[1])):
         name, ver = norm(w.name.split("-")[0]), w.name.split("-")[1]

@@ -84,7 +84,7 @@ def test_control_without_enable_the_batch_changes_the_bits(model):
 
 
 def test_enable_routes_the_ops_and_disable_restores_them():
-    from invariant.kernels.gpu import matmul
+    from invariant.kernels.gpu import matmul, rowops
 
     a = torch.randn(5, 70).to(DEVICE)
     b = torch.randn(70, 9).to(DEVICE)
@@ -93,9 +93,11 @@ def test_enable_routes_the_ops_and_disable_restores_them():
         assert torch.equal(ours, matmul.mm(a, b))
         assert torch.equal(torch.nn.functional.linear(a, b.t()), matmul.mm(a, b))
         x = torch.randn(3, 4, 50).to(DEVICE)
-        assert torch.equal(x.mean(-1), x.mean(-1))
-        assert torch.equal(torch.softmax(x, -1), torch.softmax(x, -1))
+        assert torch.equal(x.mean(-1), rowops.mean(x, -1))
+        assert torch.equal(torch.softmax(x, -1), rowops.softmax(x, -1))
+        assert torch.equal(torch.log_softmax(x, -1), rowops.log_softmax(x, -1))
         assert torch.allclose(x.mean((0, 2)), x.double().mean((0, 2)).float(), atol=1e-6)
         assert torch.allclose(torch.log_softmax(x, 1), torch.log_softmax(x.double(), 1).float(), atol=1e-6)
+    assert not enabled()
     stock = a @ b
     assert torch.allclose(stock, ours, atol=1e-4)

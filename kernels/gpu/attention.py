@@ -35,7 +35,6 @@ class Plan:
     tile_row0: torch.Tensor  # [tiles] its first row within the sequence's rows
     token_seq: torch.Tensor  # [T] the sequence of each query token
     max_splits: int
-    group: int
 
 
 def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, group: int, block_m: int | None = None,
@@ -54,7 +53,7 @@ def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, group: int, bloc
     token_seq = torch.repeat_interleave(seqs, q_lens, output_size=T)
     max_len = int(seq_lens.max()) if B else 0
     return Plan(tile_seq.to(torch.int32), tile_row0.to(torch.int32), token_seq.to(torch.int32),
-                max(1, -(-max_len // split)), group)
+                max(1, -(-max_len // split)))
 
 
 @triton.jit

@@ -14,7 +14,8 @@ decides bits is pinned separately:
   on the register layout), KV in splits of ``ATTN_SPLIT`` tokens at absolute positions, so cached
   and fresh tokens, prefill and decode, reduce in one order.
 
-``identity()`` digests all of it (and the kernel sources) for the numerics fingerprint.
+``identity()`` digests all of it (and the kernel sources) for the numerics fingerprint of whatever
+serves with these kernels (the GPU worker does not yet: it serves with vLLM's invariant mode).
 """
 
 from __future__ import annotations

@@ -164,18 +164,18 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
     chunk = _chunk or configs.MM_CHUNK_K
     S = -(-K // chunk)
     tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
-    if cfg.tma and not cfg.split and B == 1 and _chunk is None and _tma_ok(a[0], b[0].t(), c[0]):
+    bias_arg = bias if bias is not None else c
+    if cfg.tma and not cfg.split and B == 1 and _tma_ok(a[0], b[0].t(), c[0]):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         bk = configs.MM_BLOCK_K
         _mm_tma[(tiles,)](TensorDescriptor.from_tensor(a[0], [cfg.bm, bk]),
                           TensorDescriptor.from_tensor(b[0].t(), [cfg.bn, bk]),
-                          TensorDescriptor.from_tensor(c[0], [cfg.bm, cfg.bn]), bias if bias is not None else c,
-                          M, N, K, CHUNK=configs.MM_CHUNK_K, BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
+                          TensorDescriptor.from_tensor(c[0], [cfg.bm, cfg.bn]), bias_arg,
+                          M, N, K, CHUNK=chunk, BM=cfg.bm, BN=cfg.bn, BK=bk, GROUP_M=cfg.group_m,
                           HAS_BIAS=bias is not None, num_warps=cfg.warps, num_stages=cfg.stages)
         return c
     ws = torch.empty((S, B, M, N), device=a.device, dtype=torch.float32) if cfg.split else c
-    bias_arg = bias if bias is not None else c
     _mm[(tiles, S if cfg.split else 1, B)](
         a, b, c, bias_arg, ws, M, N, K,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
