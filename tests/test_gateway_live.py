@@ -61,13 +61,36 @@ async def read_stream(client, url, payload, *, after_tokens=None, started=None):
     return headers, lines, first, time.monotonic()
 
 
-async def leader_and_follower(leader_url, follower_url, payload, follower_payload=None):
-    async with httpx.AsyncClient(timeout=300) as client:
-        mid = asyncio.Event()
-        lead = asyncio.create_task(read_stream(client, leader_url, payload, after_tokens=5, started=mid))
-        await asyncio.wait_for(mid.wait(), 120)
-        follow = await read_stream(client, follower_url, follower_payload or payload)
-        return await lead, follow
+def _retag(payload: dict, attempt: int) -> None:
+    """A new prompt for another attempt (in place: the caller's payload names what was sent)."""
+    if "prompt" in payload:
+        payload["prompt"] = payload["prompt"].split(" [attempt")[0] + f" [attempt {attempt}]"
+    else:
+        last = payload["messages"][-1]
+        last["content"] = last["content"].split(" [attempt")[0] + f" [attempt {attempt}]"
+
+
+async def leader_and_follower(leader_url, follower_url, payload, follower_payload=None, attempts=3, calls=None):
+    """Start a leader; once it has streamed 5 tokens, send the follower. On a loaded 2-core machine
+    the tiny model can finish a whole generation before the follower's request is read; the
+    follower then (rightly) gets the stored entry, a HIT, and the scenario did not happen: try again
+    with a new prompt (both payloads are retagged in place). Any other outcome is returned as is.
+    Returns (leader, follower, upstream generations of the returned attempt as counted by ``calls``)."""
+    follower_payload = follower_payload if follower_payload is not None else payload
+    for attempt in range(attempts):
+        if attempt:
+            _retag(payload, attempt)
+            _retag(follower_payload, attempt)
+        before = calls() if calls else None
+        async with httpx.AsyncClient(timeout=300) as client:
+            mid = asyncio.Event()
+            lead = asyncio.create_task(read_stream(client, leader_url, payload, after_tokens=5, started=mid))
+            await asyncio.wait_for(mid.wait(), 120)
+            follow = await read_stream(client, follower_url, follower_payload)
+            result = await lead, follow, (calls() - before if calls else None)
+        if follow[0].get("x-invariant-cache") != "HIT":
+            break
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +102,12 @@ def gateway(worker_pair, redis_server, tmp_path_factory):  # noqa: F811
 
 def test_a_mid_stream_follower_gets_the_prefix_and_the_live_tail(gateway, worker):
     payload = body(worker, "A follower joins a generation in flight")
-    before = gateway.upstream_calls()
-    (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _) = asyncio.run(
-        leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload))
+    (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _), generations = asyncio.run(
+        leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload,
+                            calls=gateway.upstream_calls))
     assert lh["x-invariant-cache"] == "MISS" and fh["x-invariant-cache"] == "COALESCED"
     assert lh["x-invariant-live"] == fh["x-invariant-live"] == "1"
-    assert gateway.upstream_calls() - before == 1
+    assert generations == 1
     assert follow_first < lead_end, "the follower saw its first tokens only after the generation ended"
     assert canonical(follow_lines) == canonical(lead_lines)
     assert sum(tokens_in(x) for x in lead_lines) == LONG
@@ -97,7 +120,7 @@ def test_a_mid_stream_follower_gets_the_prefix_and_the_live_tail(gateway, worker
 def test_a_shorter_follower_ends_at_its_max_tokens_bitwise(gateway, worker):
     payload = body(worker, "A shorter follower reads a prefix of a longer generation")
     short = dict(payload, max_tokens=40)
-    (_, lead_lines, _, _), (fh, follow_lines, _, _) = asyncio.run(
+    (_, lead_lines, _, _), (fh, follow_lines, _, _), _ = asyncio.run(
         leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload, short))
     assert fh["x-invariant-cache"] == "COALESCED"
     fresh = httpx.post(f"{worker.url}/v1/completions", json={**short, "stream": False}, timeout=120).json()
@@ -112,7 +135,7 @@ def test_a_shorter_follower_ends_at_its_max_tokens_bitwise(gateway, worker):
 def test_a_longer_request_does_not_join_a_shorter_generation(gateway, worker):
     payload = body(worker, "A longer request never takes a shorter answer", max_tokens=60)
     longer = dict(payload, max_tokens=LONG)
-    (_, lead_lines, _, _), (fh, follow_lines, _, _) = asyncio.run(
+    (_, lead_lines, _, _), (fh, follow_lines, _, _), _ = asyncio.run(
         leader_and_follower(f"{gateway.url}/v1/completions", f"{gateway.url}/v1/completions", payload, longer))
     assert sum(tokens_in(x) for x in lead_lines) == 60
     assert sum(tokens_in(x) for x in follow_lines) == LONG
@@ -122,11 +145,11 @@ def test_a_follower_on_another_replica_follows_through_redis(worker_pair, redis_
     a, b = Gateway(worker_pair, redis_server.url, tmp_path), Gateway(worker_pair, redis_server.url, tmp_path)
     try:
         payload = body(worker_pair[0], "Two replicas share one live generation")
-        before = a.upstream_calls() + b.upstream_calls()
-        (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _) = asyncio.run(
-            leader_and_follower(f"{a.url}/v1/completions", f"{b.url}/v1/completions", payload))
+        (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _), generations = asyncio.run(
+            leader_and_follower(f"{a.url}/v1/completions", f"{b.url}/v1/completions", payload,
+                                calls=lambda: a.upstream_calls() + b.upstream_calls()))
         assert lh["x-invariant-cache"] == "MISS" and fh["x-invariant-cache"] == "COALESCED"
-        assert a.upstream_calls() + b.upstream_calls() - before == 1
+        assert generations == 1
         assert follow_first < lead_end
         assert canonical(follow_lines) == canonical(lead_lines)
     finally:
@@ -139,7 +162,7 @@ def test_chat_streams_live_too(gateway, worker):
                    max_tokens=LONG, temperature=0, logprobs=True, top_logprobs=0, ignore_eos=True, stream=True,
                    return_token_ids=True,
                    stream_options={"include_usage": True})
-    (lh, lead_lines, _, _), (fh, follow_lines, _, _) = asyncio.run(
+    (lh, lead_lines, _, _), (fh, follow_lines, _, _), _ = asyncio.run(
         leader_and_follower(f"{gateway.url}/v1/chat/completions", f"{gateway.url}/v1/chat/completions", payload))
     assert (lh["x-invariant-cache"], fh["x-invariant-cache"]) == ("MISS", "COALESCED")
     assert canonical(follow_lines) == canonical(lead_lines)
