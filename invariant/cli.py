@@ -49,6 +49,7 @@ def _worker_options(args: argparse.Namespace):
         kv_cache_gib=args.kv_cache_gib,
         invariance=not args.no_invariance,
         extra_vllm_args=tuple(args.engine_arg or ()),
+        gpu_gemm=args.gpu_gemm,
         expect_gpu_product=args.expect_gpu_product,
         expect_driver_version=args.expect_driver_version,
         expect_fingerprint=args.expect_fingerprint,
@@ -83,7 +84,7 @@ def _fingerprint_options(args: argparse.Namespace):
     from invariant.worker.options import WorkerOptions
 
     return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                         invariance=not args.no_invariance)
+                         invariance=not args.no_invariance, gpu_gemm=args.gpu_gemm)
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -127,6 +128,12 @@ def _bench_determinism(args: argparse.Namespace) -> None:
         raise CLIError(str(exc)) from exc
 
 
+def _add_gemm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-gemm", default="vllm", metavar="{vllm,invariant}",
+                   help="invariant CUDA worker's GEMM: vllm (upstream's persistent Triton matmul, default) or "
+                        "invariant (ours: fixed K chunks, a kernel per batch size)")
+
+
 def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--model", required=model_required, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -136,6 +143,7 @@ def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> Non
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per worker (CUDA only)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size in GiB (default 1)")
+    _add_gemm_arg(p)
     p.add_argument("--no-invariance", action="store_true",
                    help="serve stock vLLM kernels (for controls and comparisons); the fingerprint says so")
 
@@ -154,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.add_argument("dir", help="output directory")
     make.add_argument("--arch", default="qwen3", help="qwen3 (default) or llama")
-    make.add_argument("--size", default="tiny", help="tiny (default) or small")
+    make.add_argument("--size", default="tiny", help="tiny (default), small or medium (0.4 B parameters, for GPUs)")
     make.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
     make.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     make.add_argument("--close-logits", action="store_true",
@@ -178,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Compute the numerics fingerprint of a model on this machine, without serving.")
     fp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     fp.add_argument("--dtype", default="auto", help="as for `invariant worker`")
+    _add_gemm_arg(fp)
     fp.add_argument("--tensor-parallel-size", type=int, default=1)
     fp.add_argument("--no-invariance", action="store_true", help="the fingerprint of a --no-invariance worker")
     fp.add_argument("--json", action="store_true", help="print all parts as JSON")

@@ -3,7 +3,14 @@
 Used by tests/test_batch_invariance.py in a fresh process per engine: vLLM's plugins patch the
 process they load in, so the invariant and the stock engine cannot share one test process.
 
-    python tests/engine_run.py MODEL_DIR {invariant|stock} MAX_NUM_BATCHED_TOKENS OUT.json
+    python tests/engine_run.py MODEL_DIR {invariant|stock|upstream} MAX_NUM_BATCHED_TOKENS OUT.json [--eager] [--canary]
+
+Modes: ``invariant`` is what the worker runs (CPU: our plugin; CUDA: upstream's VLLM_BATCH_INVARIANT=1
+plus our plugin's RMSNorm), ``stock`` is vLLM as shipped, ``upstream`` (CUDA only) is upstream's
+invariant mode without our plugin. On CUDA the engine compiles and captures CUDA graphs, as the
+worker does, unless ``--eager``; the CPU engine is always eager. ``--canary`` runs the worker's
+start-up canary (invariant.worker.canary, at this device's size) on an AsyncLLM instead of the
+scenarios and writes its verdict.
 
 Scenarios (greedy unless named; token ids and logprobs of the prompt under test):
   alone, batch_<n>          the prompt alone, then with n-1 fillers of varied lengths in one call
@@ -21,6 +28,7 @@ import random
 import sys
 
 BATCH_SIZES = (2, 5, 16, 33, 64, 128)
+GPU_BATCH_SIZES = BATCH_SIZES + (256, 512)  # upstream's eager leak shows from 256 tokens a step
 WORDS = ("the numbers of a request should depend on the request and the numerics only never on the "
          "batch it happens to share with other requests in a busy server").split()
 
@@ -29,27 +37,75 @@ def text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def main() -> None:
-    model, mode, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def configure(mode: str, cuda: bool) -> None:
+    """The environment vLLM and our plugin read at start, as the worker sets it per mode."""
+    if mode not in ("invariant", "stock", "upstream") or (mode == "upstream" and not cuda):
+        raise SystemExit(f"mode {mode!r}: expected invariant, stock or (CUDA) upstream")
+    if cuda:
+        os.environ["VLLM_BATCH_INVARIANT"] = "0" if mode == "stock" else "1"
+        if mode == "invariant":
+            os.environ["INVARIANT_BATCH_INVARIANT"] = "cuda"
+        else:
+            os.environ.pop("INVARIANT_BATCH_INVARIANT", None)
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        return
     os.environ["INVARIANT_BATCH_INVARIANT"] = "cpu" if mode == "invariant" else "off"
     os.environ["VLLM_CPU_ATTN_SPLIT_KV"] = "0" if mode == "invariant" else os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["TORCH_COMPILE_DISABLE"] = "1"
+
+
+def engine_kwargs(model: str, budget: int, cuda: bool, eager: bool, max_seqs: int) -> dict:
+    # The checkpoint's own dtype, explicitly: vLLM's "auto" serves fp32 checkpoints in bf16 on the CPU.
+    dtype = json.load(open(os.path.join(model, "config.json")))["dtype"]
+    return dict(model=model, dtype=dtype, max_model_len=1024, enforce_eager=eager or not cuda, seed=0,
+                gpu_memory_utilization=0.3, max_num_batched_tokens=budget, max_num_seqs=min(max_seqs, budget),
+                enable_prefix_caching=True, enable_chunked_prefill=True)
+
+
+def run_canary(kwargs: dict) -> dict:
+    """The worker's canary, at this device's size, on an async engine like the worker's."""
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from invariant.worker import canary
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    try:
+        verdict, alone, crowd = asyncio.run(canary.run(engine, **canary.sizes(True)))
+    finally:
+        engine.shutdown()
+    return {"canary": canary.summary(verdict, alone, crowd)}
+
+
+def main() -> None:
+    model, mode, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    flags = set(sys.argv[5:])
+    import torch
+
+    cuda = torch.cuda.is_available()
+    configure(mode, cuda)
+    sizes = GPU_BATCH_SIZES if cuda else BATCH_SIZES
+    kwargs = engine_kwargs(model, budget, cuda, "--eager" in flags, max(sizes))
+    if "--canary" in flags:
+        with open(out, "w") as fh:
+            json.dump(run_canary(kwargs), fh)
+        return
     from vllm import LLM, SamplingParams
 
     rng = random.Random(7)
     prefix = text(rng, 90)
     prompt = prefix + " " + text(rng, 25)
     sibling = prefix + " " + text(rng, 25)
-    fillers = [text(rng, rng.randint(1, 260)) for _ in range(max(BATCH_SIZES))]
+    fillers = [text(rng, rng.randint(1, 260)) for _ in range(max(sizes))]
 
-    # The checkpoint's own dtype, explicitly: vLLM's "auto" serves fp32 checkpoints in bf16 on the CPU.
-    dtype = json.load(open(os.path.join(model, "config.json")))["dtype"]
-    llm = LLM(model=model, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0,
-              gpu_memory_utilization=0.3, max_num_batched_tokens=budget, max_num_seqs=min(256, budget),
-              enable_prefix_caching=True, enable_chunked_prefill=True)
-    greedy = SamplingParams(temperature=0.0, max_tokens=20, logprobs=0, ignore_eos=True)
-    seeded = SamplingParams(temperature=0.8, seed=1234, max_tokens=20, logprobs=0, ignore_eos=True)
+    llm = LLM(**kwargs)
+    # 64 steps on a GPU: upstream's eager leak first showed 25 decode steps in (docs/gpu-vllm.md).
+    steps = 64 if cuda else 20
+    greedy = SamplingParams(temperature=0.0, max_tokens=steps, logprobs=0, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=1234, max_tokens=steps, logprobs=0, ignore_eos=True)
 
     def run(prompts, params, at=0):
         comp = llm.generate(prompts, params, use_tqdm=False)[at].outputs[0]
@@ -60,7 +116,7 @@ def main() -> None:
     if budget >= 1024:
         llm.reset_prefix_cache()
         results["alone"] = run([prompt], greedy)
-        for n in BATCH_SIZES:
+        for n in sizes:
             llm.reset_prefix_cache()
             results[f"batch_{n}"] = run([prompt] + fillers[: n - 1], greedy)
         results["prefix_warm"] = run([prompt], greedy)
@@ -69,7 +125,7 @@ def main() -> None:
         results["prefix_shared"] = run([prompt], greedy)
         llm.reset_prefix_cache()
         results["seeded_alone"] = run([prompt], seeded)
-        for n in BATCH_SIZES:
+        for n in sizes:
             llm.reset_prefix_cache()
             results[f"seeded_{n}"] = run([prompt] + fillers[: n - 1], seeded)
     else:

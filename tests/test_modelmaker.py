@@ -87,7 +87,7 @@ def test_refuses_non_empty_dir_without_overwrite(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "gpt2"], "unsupported architecture 'gpt2': choose one of qwen3, llama"),
-    (["--size", "huge"], "unsupported size 'huge': choose one of tiny, small"),
+    (["--size", "huge"], "unsupported size 'huge': choose one of tiny, small, medium"),
     (["--dtype", "int8"], "unsupported dtype 'int8': choose one of bfloat16, float32"),
     (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
 ])

@@ -32,14 +32,14 @@ async def _complete(client: httpx.AsyncClient, name: str, body: dict) -> dict:
     return {"token_ids": choice["token_ids"], "logprobs": choice["logprobs"]["token_logprobs"]}
 
 
-async def crowd_run(url: str, name: str, n: int, params: dict, seed: int) -> dict:
+async def crowd_run(url: str, name: str, n: int, params: dict, seed: int, tokens: int = 16) -> dict:
     """The prompt sent at a random moment among n-1 concurrent fillers; returns the prompt's result."""
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=300,
-                                 limits=httpx.Limits(max_connections=256)) as client:
+                                 limits=httpx.Limits(max_connections=1024)) as client:
         async def prompt_later():
             await asyncio.sleep(rng.uniform(0, 0.05))
-            return await _complete(client, name, {"prompt": PROMPT, "max_tokens": 16, **params})
+            return await _complete(client, name, {"prompt": PROMPT, "max_tokens": tokens, **params})
 
         tasks = [asyncio.create_task(_complete(client, name, {**f, "temperature": 0})) for f in fillers(n - 1, seed)]
         mine = await prompt_later()

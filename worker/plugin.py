@@ -1,11 +1,21 @@
-"""vLLM plugin (entry point group ``vllm.general_plugins``): batch invariance on the CPU.
+"""vLLM plugin (entry point group ``vllm.general_plugins``): batch invariance on the CPU, and the
+one op upstream's GPU invariant mode leaves batch-variant.
 
 vLLM loads general plugins in every process it starts (API server, engine core, workers), so this
 is the one place that reaches the model code wherever it runs. It does nothing unless the worker
-set ``INVARIANT_BATCH_INVARIANT`` (``cpu``, or ``off`` for --no-invariance) in the environment,
-which children inherit.
+set ``INVARIANT_BATCH_INVARIANT`` (``cpu``; ``cuda`` beside ``VLLM_BATCH_INVARIANT=1``; ``off`` for
+--no-invariance on the CPU) in the environment, which children inherit.
 
-What it changes, and why each is needed:
+On CUDA (``cuda``), upstream's invariant mode (``VLLM_BATCH_INVARIANT=1``) covers the GEMMs,
+attention and the logprobs, but its RMSNorm with a residual hands the work to vLLM's CUDA
+``fused_add_rms_norm``, whose thread block is 1024 threads under 256 tokens and 256 threads from
+256 tokens on: another reduction tree, so a request's bits change once the batch reaches 256
+tokens (measured on an H100: docs/gpu-vllm.md). vLLM calls that path whenever its RMSNorm custom
+op is on, which is eager mode and any compile configuration that enables it. We route both RMSNorm
+forms through our Triton row kernels (invariant.kernels.gpu.rowops), whose block depends on the
+row length alone.
+
+What it changes on the CPU, and why each is needed:
 - linear layers and lm_head: vLLM binds ``layer.cpu_linear`` to oneDNN, MKL (via torch) or a
   packed-weight kernel, all of which choose their blocking from the number of rows, so a token's
   bits depend on the batch. We bind our fixed-order GEMM instead (invariant.kernels.cpu.gemm).
@@ -26,7 +36,10 @@ import logging
 import os
 
 ENV = "INVARIANT_BATCH_INVARIANT"
+GEMM_ENV = "INVARIANT_GPU_GEMM"  # "vllm" (default) or "invariant": whose GEMM the CUDA worker runs
 SUPPORTED_VLLM = "0.32.0"
+# The GPU side patches upstream's invariant mode of the vLLM the GPU image carries (docs/gpu-vllm.md).
+SUPPORTED_VLLM_CUDA = "0.26.0"
 
 # Under "vllm." so that vLLM's logging configuration prints it in its child processes too.
 log = logging.getLogger("vllm.invariant.plugin")
@@ -42,7 +55,13 @@ def installed_vllm_version() -> str:
     return vllm.__version__
 
 
-def check_version(version: str) -> None:
+def check_version(version: str, *, cuda: bool = False) -> None:
+    if cuda:
+        if version != SUPPORTED_VLLM_CUDA:
+            raise PluginVersionError(
+                f"invariant's GPU batch-invariance plugin supports vLLM {SUPPORTED_VLLM_CUDA} only, found {version}: "
+                f"install invariant[gpu] (vllm=={SUPPORTED_VLLM_CUDA}) or run with --no-invariance")
+        return
     if version != SUPPORTED_VLLM:
         raise PluginVersionError(
             f"invariant's CPU batch-invariance plugin supports vLLM {SUPPORTED_VLLM} only, found {version}: "
@@ -96,17 +115,54 @@ def apply() -> None:
     Sampler.compute_logprobs = staticmethod(_compute_logprobs)
 
 
+def invariant_rms_norm(input, weight, eps: float = 1e-6, residual=None):
+    """Drop-in for upstream's ``rms_norm_batch_invariant`` (same arguments and results): our Triton
+    row kernels for both forms, the residual sum rounded to the dtype first as vLLM's CUDA kernel
+    does. Returns new tensors rather than writing in place; vLLM's callers use the results."""
+    from invariant.kernels.gpu import rowops
+
+    if residual is None:
+        return rowops.rms_norm(input, weight, eps)
+    return rowops.fused_add_rms_norm(input, residual, weight, eps)
+
+
+def apply_cuda(gemm: str = "vllm") -> None:
+    """Patch the name vLLM's RMSNorm.forward_cuda calls; with ``gemm="invariant"`` also the linear
+    layers' and lm_head's GEMM (upstream's persistent Triton matmul -> ours, a custom op so the
+    compiled graph calls it opaquely). Idempotent."""
+    import vllm.model_executor.layers.layernorm as layernorm
+
+    layernorm.rms_norm_batch_invariant = invariant_rms_norm
+    if gemm == "invariant":
+        import vllm.model_executor.layers.linear as linear
+        import vllm.model_executor.layers.vocab_parallel_embedding as vocab
+
+        from invariant.kernels.gpu.ops import linear_op
+
+        op = linear_op()
+        linear.linear_batch_invariant = vocab.linear_batch_invariant = lambda x, weight, bias=None: op(x, weight, bias)
+
+
 def register() -> None:
     """vLLM's entry point: a no-op unless an invariant worker started this vLLM.
 
     ``off`` (``--no-invariance``) keeps stock kernels and only mends seeded sampling on the CPU,
-    which otherwise kills the engine (see invariant.worker.seeded); ``cpu`` adds our kernels.
+    which otherwise kills the engine (see invariant.worker.seeded); ``cpu`` adds our kernels;
+    ``cuda`` mends upstream's GPU invariant mode.
     """
     mode = os.environ.get(ENV, "")
     if mode == "":
         return
-    if mode not in ("cpu", "off"):
-        raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu' or 'off'")
+    if mode not in ("cpu", "off", "cuda"):
+        raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu', 'cuda' or 'off'")
+    if mode == "cuda":
+        check_version(installed_vllm_version(), cuda=True)
+        gemm = os.environ.get(GEMM_ENV, "vllm")
+        if gemm not in ("vllm", "invariant"):
+            raise RuntimeError(f"{GEMM_ENV}={gemm!r}: expected 'vllm' or 'invariant'")
+        apply_cuda(gemm)
+        log.info("invariant: RMSNorm through invariant's Triton row kernels, %s GEMM (pid %d)", gemm, os.getpid())
+        return
     check_version(installed_vllm_version())
     from invariant.worker import seeded
 

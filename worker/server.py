@@ -28,13 +28,22 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def kernel_config(*, cuda: bool, invariance: bool) -> dict[str, Any]:
-    """What selects the kernels, and with them the bits: backend, compile mode, threads."""
+def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm") -> dict[str, Any]:
+    """What selects the kernels, and with them the bits: backend, compile mode, threads.
+    ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
     import torch
 
     if cuda:
-        return {"backend": "cuda", "enforce_eager": False,
-                "batch_invariant": "vllm" if invariance else "off"}
+        if not invariance:
+            return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "off"}
+        from invariant.kernels.gpu import identity
+        from invariant.kernels.gpu.device import arch_of
+
+        # Upstream's invariant mode, with RMSNorm on our row kernels (invariant.worker.plugin):
+        # their source, pinned constants and Triton version decide those bits.
+        arch = gpu_arch or arch_of(torch.device("cuda"))
+        return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
+                "gemm": gemm, "invariant_kernels": identity(arch)}
     config: dict[str, Any] = {
         "backend": "cpu",
         # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
@@ -71,17 +80,29 @@ def check_cpu_invariance_ready() -> None:
         raise WorkerConfigError(str(exc)) from exc
 
 
+def check_cuda_invariance_ready() -> None:
+    """The GPU plugin patches one vLLM version's internals: refuse any other in one line."""
+    from invariant.worker import plugin
+
+    try:
+        plugin.check_version(plugin.installed_vllm_version(), cuda=True)
+    except plugin.PluginVersionError as exc:
+        raise WorkerConfigError(str(exc)) from exc
+
+
 def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
     """Environment vLLM reads at engine start; set before the engine is built."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from invariant.worker import plugin
+
     if cuda and options.invariance:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        os.environ[plugin.ENV] = "cuda"
+        os.environ[plugin.GEMM_ENV] = options.gpu_gemm
     if not cuda:
-        from invariant.worker import plugin
-
         # Read by our vLLM plugin in every process vLLM starts (children inherit the environment).
         os.environ[plugin.ENV] = "cpu" if options.invariance else "off"
         # vLLM compiles parts of its sampler with torch.compile even in eager mode; on CPU that is
@@ -114,14 +135,14 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     cuda = cuda_available()
     _, dtype = validate(options, cuda=cuda, check_port=serving)
     invariance = bool(options.invariance)
-    if invariance and not cuda:
-        check_cpu_invariance_ready()
+    if invariance:
+        check_cuda_invariance_ready() if cuda else check_cpu_invariance_ready()
     parts = collect_parts(
         model_dir=options.model,
         dtype=dtype,
         tensor_parallel_size=options.tensor_parallel_size,
         invariance=invariance,
-        kernel_config=kernel_config(cuda=cuda, invariance=invariance),
+        kernel_config=kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm),
     )
     fingerprint = compute_fingerprint(parts)
     state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name,

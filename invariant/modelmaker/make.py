@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 ARCHS = ("qwen3", "llama")
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "medium")
 DTYPES = ("bfloat16", "float32")
 
 VOCAB_SIZE = 1024
@@ -34,6 +34,8 @@ CHAT_TEMPLATE = (
 _SHAPES = {
     "tiny": (128, 256, 2, 4, 2, 32),
     "small": (1024, 2816, 4, 16, 4, 64),
+    # GPU-bound on an H100 (the cost benchmark and the GPU invariance tests): ~0.4 B parameters.
+    "medium": (2048, 6144, 8, 16, 8, 128),
 }
 
 # Sampling defaults written to generation_config.json. vLLM fills omitted request parameters from

@@ -1,0 +1,132 @@
+"""On the GPU (``-m gpu``, the device only): the CPU issue's invariance suite through real vLLM on
+CUDA, its control, and upstream's eager-mode leak with our mend.
+
+Each engine runs in its own process (tests/engine_run.py), on a made Qwen3 "medium" (hidden 2048,
+8 layers, bf16; or the model in ``INVARIANT_GPU_MODEL``). The prompt under test is generated alone,
+amid 1 to 511 fillers of varied lengths, after its own or a sibling's prefix was cached, with every
+prefill chunked at 48 tokens, greedy and seeded: all must equal the prompt alone, bit for bit.
+
+- invariant: what the worker runs (upstream's VLLM_BATCH_INVARIANT=1, our RMSNorm, CUDA graphs).
+- control: stock vLLM, same scenarios: must vary.
+- upstream's leak: VLLM_BATCH_INVARIANT=1 alone, in eager mode, must vary from a batch of 256 on
+  (vLLM's CUDA fused_add_rms_norm takes another thread block from 256 tokens a step); the same with
+  our plugin must not. The worker's canary must fail on the first and pass on the second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from invariant.modelmaker import ModelSpec, make_model
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")]
+
+HERE = Path(__file__).resolve().parent
+BATCH_SIZES = (2, 5, 16, 33, 64, 128, 256, 512)
+SMALL_BUDGET = 48
+
+
+def engine(model: Path, mode: str, budget: int, out: Path, *flags: str) -> dict:
+    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(model), mode, str(budget), str(out),
+                           *flags], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def gpu_model(tmp_path_factory) -> Path:
+    given = os.environ.get("INVARIANT_GPU_MODEL")
+    if given:
+        return Path(given)
+    return make_model(tmp_path_factory.mktemp("gpu-model") / "medium", ModelSpec(size="medium"))
+
+
+@pytest.fixture(scope="module")
+def runs(gpu_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-runs")
+    return {"full": engine(gpu_model, "invariant", 2048, root / "full.json"),
+            "chunked": engine(gpu_model, "invariant", SMALL_BUDGET, root / "chunked.json")}
+
+
+def assert_same(got: dict, ref: dict, what: str) -> None:
+    assert got["token_ids"] == ref["token_ids"], f"{what}: token ids differ"
+    assert got["logprobs"] == ref["logprobs"], f"{what}: logprobs differ (first at {first_diff(got, ref)})"
+
+
+def first_diff(a: dict, b: dict) -> int | None:
+    pairs = zip(zip(a["token_ids"], a["logprobs"]), zip(b["token_ids"], b["logprobs"]))
+    return next((i for i, (x, y) in enumerate(pairs) if x != y), None)
+
+
+def varied(res: dict, ref: str, prefix: str) -> list[int]:
+    return [n for n in BATCH_SIZES if first_diff(res[f"{prefix}_{n}"], res[ref]) is not None]
+
+
+@pytest.mark.parametrize("n", BATCH_SIZES)
+def test_greedy_bitwise_equal_across_batch_sizes(runs, n):
+    assert len(runs["full"]["alone"]["token_ids"]) == 64
+    assert_same(runs["full"][f"batch_{n}"], runs["full"]["alone"], f"batch {n}")
+
+
+@pytest.mark.parametrize("n", BATCH_SIZES)
+def test_seeded_sampling_bitwise_equal_across_batch_sizes(runs, n):
+    seeded = runs["full"]["seeded_alone"]
+    assert seeded["token_ids"] != runs["full"]["alone"]["token_ids"], "temperature 0.8 should not be greedy"
+    assert_same(runs["full"][f"seeded_{n}"], seeded, f"seeded batch {n}")
+
+
+@pytest.mark.parametrize("case", ["prefix_warm", "prefix_shared"])
+def test_cached_prefix_gives_the_same_bits(runs, case):
+    assert_same(runs["full"][case], runs["full"]["alone"], case)
+
+
+@pytest.mark.parametrize("case", ["alone_chunked", "crowd_chunked"])
+def test_chunked_prefill_gives_the_same_bits(runs, case):
+    assert_same(runs["chunked"][case], runs["full"]["alone"], case)
+
+
+def test_control_stock_vllm_varies_on_the_gpu(gpu_model, tmp_path):
+    res = engine(gpu_model, "stock", 2048, tmp_path / "stock.json")
+    assert varied(res, "alone", "batch"), "stock vLLM showed no batch variance: the control proves nothing"
+    assert varied(res, "seeded_alone", "seeded"), "stock vLLM showed no seeded batch variance"
+
+
+@pytest.fixture(scope="session")
+def leak_model(tmp_path_factory) -> Path:
+    """The model upstream's leak was first measured on (made Qwen3 small, hidden 1024)."""
+    return make_model(tmp_path_factory.mktemp("leak-model") / "small", ModelSpec(size="small"))
+
+
+@pytest.fixture(scope="module")
+def eager(leak_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-eager")
+    return {mode: engine(leak_model, mode, 2048, root / f"{mode}.json", "--eager") for mode in ("upstream", "invariant")}
+
+
+def test_upstream_invariant_mode_leaks_in_eager_mode(eager):
+    """The failure our plugin mends: upstream's invariant mode alone, eager, varies at 256 and up."""
+    leaks = varied(eager["upstream"], "alone", "batch") + varied(eager["upstream"], "seeded_alone", "seeded")
+    assert leaks and min(leaks) >= 256, f"upstream eager varied at {leaks}"
+
+
+@pytest.mark.parametrize("n", BATCH_SIZES)
+def test_our_plugin_closes_the_eager_leak(eager, n):
+    res = eager["invariant"]
+    assert_same(res[f"batch_{n}"], res["alone"], f"eager batch {n}")
+    assert_same(res[f"seeded_{n}"], res["seeded_alone"], f"eager seeded batch {n}")
+
+
+@pytest.mark.parametrize("mode,ok", [("upstream", False), ("invariant", True)])
+def test_the_canary_catches_the_eager_leak(leak_model, tmp_path, mode, ok):
+    verdict = engine(leak_model, mode, 2048, tmp_path / "canary.json", "--eager", "--canary")["canary"]
+    assert verdict["ok"] is ok, verdict

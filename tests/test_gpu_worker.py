@@ -1,0 +1,85 @@
+"""On the GPU (``-m gpu``, the device only): ``invariant worker`` on real vLLM, over HTTP.
+
+The worker's own path (upstream's invariant mode, our RMSNorm, CUDA graphs): its canary passed,
+its fingerprint names the GPU and our kernels, and the prompt sent amid crowds of up to 512
+concurrent requests gives the bits it gives alone, greedy and seeded. Control: a --no-invariance
+worker on the same model varies in the same crowds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import start_worker, wait_ready
+from invariant.modelmaker import ModelSpec, make_model
+from test_worker_invariance import crowd_run
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")]
+
+CROWDS = (1, 64, 256, 512)
+TOKENS = 48
+PARAMS = [{"temperature": 0}, {"temperature": 0.8, "seed": 4242}]
+ENGINE = ["--engine-arg=--gpu-memory-utilization=0.4", "--engine-arg=--max-num-seqs=512"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    given = os.environ.get("INVARIANT_GPU_MODEL")
+    if given:
+        return Path(given)
+    return make_model(tmp_path_factory.mktemp("gpu-model") / "medium", ModelSpec(size="medium"))
+
+
+def crowds(url: str, name: str) -> dict:
+    return {(i, n): asyncio.run(crowd_run(url, name, n, params, seed=n, tokens=TOKENS))
+            for i, params in enumerate(PARAMS) for n in CROWDS}
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory):
+    """Both workers, one after the other (one GPU): what each returned in every crowd."""
+    logs = tmp_path_factory.mktemp("gpu-worker-logs")
+    out = {}
+    for label, extra in (("invariant", ()), ("stock", ("--no-invariance",))):
+        worker = start_worker(model, logs, *extra, *ENGINE, name="m")
+        try:
+            wait_ready(worker, timeout=600)
+            out[label] = {"ready": httpx.get(f"{worker.url}/invariant/ready", timeout=5).json(),
+                          "fingerprint": httpx.get(f"{worker.url}/invariant/fingerprint", timeout=5).json(),
+                          "crowds": crowds(worker.url, "m")}
+        finally:
+            worker.stop()
+    return out
+
+
+def test_worker_is_ready_with_its_canary_and_gpu_fingerprint(served):
+    inv = served["invariant"]
+    assert inv["ready"]["ready"] and inv["ready"]["canary"]["ok"] is True, inv["ready"]
+    parts = inv["fingerprint"]["parts"]
+    assert parts["device"]["kind"] == "cuda" and parts["device"]["driver"] and parts["device"]["capability"]
+    assert parts["kernels"]["batch_invariant"] == "vllm+invariant-rmsnorm"
+    assert parts["kernels"]["invariant_kernels"]["arch"].startswith("sm")
+    assert served["stock"]["fingerprint"]["fingerprint"] != inv["fingerprint"]["fingerprint"]
+
+
+@pytest.mark.parametrize("i", range(len(PARAMS)), ids=["greedy", "seeded"])
+@pytest.mark.parametrize("n", CROWDS[1:])
+def test_crowds_do_not_change_the_bits(served, i, n):
+    got, alone = served["invariant"]["crowds"][(i, n)], served["invariant"]["crowds"][(i, 1)]
+    assert len(alone["token_ids"]) == TOKENS
+    assert got["token_ids"] == alone["token_ids"], f"crowd {n}: token ids differ"
+    assert got["logprobs"] == alone["logprobs"], f"crowd {n}: logprobs differ"
+
+
+def test_control_no_invariance_varies_in_the_same_crowds(served):
+    res = served["stock"]["crowds"]
+    varied = [(i, n) for i in range(len(PARAMS)) for n in CROWDS[1:] if res[(i, n)] != res[(i, 1)]]
+    assert varied, "the stock worker gave the same bits in every crowd: the test above proves nothing"
