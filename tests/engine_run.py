@@ -88,7 +88,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     configure(mode, cuda)
     sizes = GPU_BATCH_SIZES if cuda else BATCH_SIZES
-    kwargs = engine_kwargs(model, budget, cuda, "--eager" in flags, max(sizes))
+    kwargs = engine_kwargs(model, budget, cuda, "--eager" in flags, max(256, max(sizes)))
     if "--canary" in flags:
         with open(out, "w") as fh:
             json.dump(run_canary(kwargs), fh)

@@ -1,0 +1,190 @@
+"""What batch invariance costs on a GPU: the invariant worker against stock vLLM, same model, one run.
+
+    python3 bench/gpu_worker_cost.py MODEL_DIR --out DIR        (the device, carried vLLM on PYTHONPATH)
+    python3 bench/gpu_worker_cost.py --plot DIR/gpu_worker_cost.json   (anywhere with matplotlib)
+
+Starts ``invariant worker`` three times on the same model, one after another: ``--no-invariance``
+(stock vLLM 0.26, CUDA graphs), invariant with upstream's GEMM (the default), and invariant with
+``--gpu-gemm invariant`` (our Triton GEMM). Each worker must pass its start-up canary to become
+ready. Then, at concurrency 1, 8 and 64, streamed completions (about 256 prompt tokens, 128 output
+tokens, greedy, ignore_eos) measure output tokens/s over the wave and time to first token per
+request (median). Ratios are against stock in the same run. Writes gpu_worker_cost.json/.md (and
+the plot where matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+CONCURRENCY = (1, 8, 64)
+REQUESTS = {1: 8, 8: 32, 64: 128}
+OUTPUT_TOKENS = 128
+MODES = {"stock": ["--no-invariance"], "invariant": [], "invariant+our-gemm": ["--gpu-gemm", "invariant"]}
+WORDS = "every reduction keeps its order whatever else shares the batch so the bits hold".split()
+
+
+def prompt(i: int) -> str:
+    return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(200 + i % 17))
+
+
+async def one(client: httpx.AsyncClient, i: int) -> tuple[float, int, float]:
+    """(time to first token, tokens, end) of one streamed completion."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    body = {"model": "m", "prompt": prompt(i), "max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as res:
+        res.raise_for_status()
+        async for line in res.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0].get("text") and first is None:
+                first = time.perf_counter() - start
+    return first or float("nan"), tokens, time.perf_counter()
+
+
+async def wave(url: str, c: int, n: int, offset: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=c)) as client:
+        sem = asyncio.Semaphore(c)
+
+        async def limited(i):
+            async with sem:
+                return await one(client, i)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(offset + i) for i in range(n)))
+        wall = time.perf_counter() - start
+    tokens = sum(r[1] for r in results)
+    return {"concurrency": c, "requests": n, "output_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_ms_median": 1000 * statistics.median(r[0] for r in results)}
+
+
+def start(model: str, extra: list[str], port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "invariant", "worker", "--model", model, "--port", str(port), "--served-model-name",
+           "m", "--max-model-len", "2048", "--engine-arg=--gpu-memory-utilization=0.5", *extra]
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
+        try:
+            res = httpx.get(f"{url}/invariant/ready", timeout=2)
+            body = res.json()
+            if res.status_code == 200:
+                return body
+            if body.get("canary", {}).get("ok") is False:
+                raise RuntimeError(f"canary failed: {body['canary']['message']}")
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise RuntimeError("worker not ready in time")
+
+
+def measure(model: str, out: Path) -> dict:
+    rows, meta = [], {}
+    for label, extra in MODES.items():
+        port = 8100 + len(rows)
+        url = f"http://127.0.0.1:{port}"
+        proc = start(model, extra, port, out / f"worker_{label.replace('+', '_')}.log")
+        try:
+            t0 = time.monotonic()
+            ready = wait_ready(proc, url)
+            fp = httpx.get(f"{url}/invariant/fingerprint", timeout=5).json()
+            meta[label] = {"ready_s": round(time.monotonic() - t0, 1), "canary": ready.get("canary"),
+                           "fingerprint": fp["fingerprint"], "kernels": fp["parts"]["kernels"]}
+            meta.setdefault("device", fp["parts"]["device"])
+            meta.setdefault("versions", fp["parts"]["versions"])
+            print(f"{label}: ready in {meta[label]['ready_s']} s, canary {ready.get('canary', {}).get('ok')}", flush=True)
+            asyncio.run(wave(url, 8, 16, 10_000))  # warm-up: first graphs, allocator, HTTP
+            for c in CONCURRENCY:
+                r = asyncio.run(wave(url, c, REQUESTS[c], 0))
+                rows.append({"mode": label, **r})
+                print(f"  c={c:3d}: {r['tok_s']:9.1f} tok/s  TTFT median {r['ttft_ms_median']:8.2f} ms", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return {"rows": rows, "meta": meta, "model": model}
+
+
+def table(res: dict) -> str:
+    base = {r["concurrency"]: r for r in res["rows"] if r["mode"] == "stock"}
+    dev = res["meta"]["device"]
+    lines = [f"Device: {dev.get('name')} (driver {dev.get('driver')}, CUDA {dev.get('cuda')}); vLLM "
+             f"{res['meta']['versions'].get('vllm')}; {OUTPUT_TOKENS} output tokens, ~256 prompt tokens, greedy.", "",
+             "| mode | concurrency | output tok/s | vs stock | TTFT median ms | vs stock |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        b = base[r["concurrency"]]
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['tok_s']:.0f} | {r['tok_s'] / b['tok_s']:.3f}x | "
+                     f"{r['ttft_ms_median']:.1f} | {r['ttft_ms_median'] / b['ttft_ms_median']:.3f}x |")
+    lines += ["", "Slowdown = 1 - (tok/s ratio); goal: under 10%. Every worker passed its start-up canary."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    modes = list(dict.fromkeys(r["mode"] for r in res["rows"]))
+    width = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
+        rows = [r for r in res["rows"] if r["mode"] == mode]
+        xs = [i + k * width for i in range(len(rows))]
+        axes[0].bar(xs, [r["tok_s"] for r in rows], width, label=mode)
+        axes[1].bar(xs, [r["ttft_ms_median"] for r in rows], width, label=mode)
+    for ax, title in zip(axes, ("output tokens/s (higher is better)", "TTFT median, ms (lower is better)")):
+        ax.set_xticks([i + width for i in range(len(CONCURRENCY))], [f"c={c}" for c in CONCURRENCY])
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"cost of batch invariance, {res['meta']['device'].get('name')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--plot", type=Path, help="only draw the plot (and the table) from a results JSON")
+    args = ap.parse_args()
+    if args.plot:
+        res = json.loads(args.plot.read_text())
+        plot(res, args.plot.with_suffix(".png"))
+        args.plot.with_suffix(".md").write_text(table(res))
+        print(table(res))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = measure(args.model, args.out)
+    (args.out / "gpu_worker_cost.json").write_text(json.dumps(res, indent=1))
+    (args.out / "gpu_worker_cost.md").write_text(table(res))
+    print(table(res))
+    try:
+        plot(res, args.out / "gpu_worker_cost.png")
+    except ImportError:
+        print("matplotlib missing here: draw the plot with --plot")
+
+
+if __name__ == "__main__":
+    main()
