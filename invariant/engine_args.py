@@ -29,6 +29,7 @@ ENGINE_ARG_WHY = {
     "--enforce-eager": ("the compile mode is part of the worker image's numerics, and vLLM's eager path is not "
                         "batch-invariant on GPUs (an H100 differed from a batch of 256: docs/gpu-vllm.md)"),
     "--seed": "the seed is fixed by the worker",
+    "--attention-backend": "the attention kernel decides the bits: the invariant GPU worker fixes it",
 }
 
 

@@ -55,12 +55,17 @@ def configure(mode: str, cuda: bool) -> None:
     os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 
-def engine_kwargs(model: str, budget: int, cuda: bool, eager: bool, max_seqs: int) -> dict:
+def engine_kwargs(model: str, mode: str, budget: int, cuda: bool, eager: bool, max_seqs: int) -> dict:
     # The checkpoint's own dtype, explicitly: vLLM's "auto" serves fp32 checkpoints in bf16 on the CPU.
     dtype = json.load(open(os.path.join(model, "config.json")))["dtype"]
-    return dict(model=model, dtype=dtype, max_model_len=1024, enforce_eager=eager or not cuda, seed=0,
-                gpu_memory_utilization=0.3, max_num_batched_tokens=budget, max_num_seqs=min(max_seqs, budget),
-                enable_prefix_caching=True, enable_chunked_prefill=True)
+    kwargs = dict(model=model, dtype=dtype, max_model_len=1024, enforce_eager=eager or not cuda, seed=0,
+                  gpu_memory_utilization=0.3, max_num_batched_tokens=budget, max_num_seqs=min(max_seqs, budget),
+                  enable_prefix_caching=True, enable_chunked_prefill=True)
+    if cuda and mode == "invariant":
+        from invariant.worker.server import GPU_INVARIANT_ATTENTION
+
+        kwargs["attention_backend"] = GPU_INVARIANT_ATTENTION  # as the worker runs it
+    return kwargs
 
 
 def run_canary(kwargs: dict) -> dict:
@@ -88,7 +93,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     configure(mode, cuda)
     sizes = GPU_BATCH_SIZES if cuda else BATCH_SIZES
-    kwargs = engine_kwargs(model, budget, cuda, "--eager" in flags, max(256, max(sizes)))
+    kwargs = engine_kwargs(model, mode, budget, cuda, "--eager" in flags, max(256, max(sizes)))
     if "--canary" in flags:
         with open(out, "w") as fh:
             json.dump(run_canary(kwargs), fh)

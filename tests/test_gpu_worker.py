@@ -66,6 +66,7 @@ def test_worker_is_ready_with_its_canary_and_gpu_fingerprint(served):
     parts = inv["fingerprint"]["parts"]
     assert parts["device"]["kind"] == "cuda" and parts["device"]["driver"] and parts["device"]["capability"]
     assert parts["kernels"]["batch_invariant"] == "vllm+invariant-rmsnorm"
+    assert parts["kernels"]["attention"] == "TRITON_ATTN"
     assert parts["kernels"]["invariant_kernels"]["arch"].startswith("sm")
     assert served["stock"]["fingerprint"]["fingerprint"] != inv["fingerprint"]["fingerprint"]
 

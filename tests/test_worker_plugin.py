@@ -175,6 +175,7 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 256" in err
     config = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
     assert config["enforce_eager"] is False and config["batch_invariant"] == "vllm+invariant-rmsnorm"
+    assert config["attention"] == "TRITON_ATTN"
     assert config["invariant_kernels"]["arch"] == "sm90"
     assert set(config["invariant_kernels"]) == {"triton", "arch", "pinned", "source_sha256", "table_sha256"}
     assert kernel_config(cuda=True, invariance=False) == {"backend": "cuda", "enforce_eager": False,

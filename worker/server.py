@@ -28,6 +28,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# FlashAttention 3 (vLLM's default on Hopper, num_splits=1 in invariant mode) still picks its kernel
+# from the step's longest query: a prompt whose prefill is chunked, or that shares a step with other
+# prefills, got other bits on an H100 (docs/gpu-vllm.md). vLLM's Triton attention in invariant mode
+# walks the KV cache in fixed 32-token tiles from position 0 for every query, whatever the step holds.
+GPU_INVARIANT_ATTENTION = "TRITON_ATTN"
+
+
 def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm") -> dict[str, Any]:
     """What selects the kernels, and with them the bits: backend, compile mode, threads.
     ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
@@ -43,7 +50,7 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         # their source, pinned constants and Triton version decide those bits.
         arch = gpu_arch or arch_of(torch.device("cuda"))
         return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "gemm": gemm, "invariant_kernels": identity(arch)}
+                "attention": GPU_INVARIANT_ATTENTION, "gemm": gemm, "invariant_kernels": identity(arch)}
     config: dict[str, Any] = {
         "backend": "cpu",
         # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
@@ -127,6 +134,8 @@ def vllm_argv(options: WorkerOptions, *, dtype: str, fingerprint: str, cuda: boo
         argv += ["--max-model-len", str(options.max_model_len)]
     if not cuda:
         argv += ["--enforce-eager"]
+    elif options.invariance:
+        argv += ["--attention-backend", GPU_INVARIANT_ATTENTION]
     return argv + list(options.extra_vllm_args)
 
 
