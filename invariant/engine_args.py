@@ -27,7 +27,7 @@ ENGINE_ARG_WHY = {
     "--kv-cache-dtype": "a KV-cache dtype changes the numerics",
     "--speculative-config": "speculative decoding breaks batch invariance",
     "--enforce-eager": ("the compile mode is part of the worker image's numerics, and vLLM's eager path is not "
-                        "batch-invariant on GPUs (an H100 differed from a batch of 256: docs/gpu-vllm.md)"),
+                        "batch-invariant on GPUs (an H100 differed from a batch of 2: docs/gpu-vllm.md)"),
     "--seed": "the seed is fixed by the worker",
     "--attention-backend": "the attention kernel decides the bits: the invariant GPU worker fixes it",
 }

@@ -6,11 +6,12 @@ Each engine runs in its own process (tests/engine_run.py), on a made Qwen3 "medi
 amid 1 to 511 fillers of varied lengths, after its own or a sibling's prefix was cached, with every
 prefill chunked at 48 tokens, greedy and seeded: all must equal the prompt alone, bit for bit.
 
-- invariant: what the worker runs (upstream's VLLM_BATCH_INVARIANT=1, our RMSNorm, CUDA graphs).
+- invariant: what the worker runs (upstream's VLLM_BATCH_INVARIANT=1, our RMSNorm, vLLM's Triton
+  attention, CUDA graphs).
 - control: stock vLLM, same scenarios: must vary.
-- upstream's leak: VLLM_BATCH_INVARIANT=1 alone, in eager mode, must vary from a batch of 256 on
-  (vLLM's CUDA fused_add_rms_norm takes another thread block from 256 tokens a step); the same with
-  our plugin must not. The worker's canary must fail on the first and pass on the second.
+- upstream's leaks: VLLM_BATCH_INVARIANT=1 alone (FlashAttention 3, vLLM's CUDA RMSNorm), in eager
+  mode, must vary (an H100 varied from a batch of 2 in these scenarios); the same engine in our
+  invariant mode must not. The worker's canary must fail on the first and pass on the second.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def eager(leak_model, tmp_path_factory):
 
 
 def test_upstream_invariant_mode_leaks_in_eager_mode(eager):
-    """The failure our plugin mends: upstream's invariant mode alone, eager, varies at 256 and up."""
+    """The failure our invariant mode mends: upstream's alone, eager, varies with the batch."""
     leaks = varied(eager["upstream"], "alone", "batch") + varied(eager["upstream"], "seeded_alone", "seeded")
-    assert leaks and min(leaks) >= 256, f"upstream eager varied at {leaks}"
+    assert leaks, "upstream's eager invariant mode did not vary: this control proves nothing"
 
 
 @pytest.mark.parametrize("n", BATCH_SIZES)

@@ -166,13 +166,13 @@ def test_the_gpu_canary_uses_a_crowd_past_upstreams_leak():
 
 
 def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
-    """vLLM 0.26's invariant mode leaked from a batch of 256 in eager mode only (CUDA graphs held):
-    the worker never runs eager on a GPU, and a user cannot ask for it."""
+    """vLLM 0.26's invariant mode leaked in eager mode (from a batch of 2 in the GPU suite's
+    scenarios; CUDA graphs held): the worker never runs eager on a GPU, and a user cannot ask for it."""
     from invariant.engine_args import engine_arg_errors
     from invariant.worker.server import kernel_config
 
     (err,) = engine_arg_errors(["--enforce-eager"])
-    assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 256" in err
+    assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 2:" in err
     config = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
     assert config["enforce_eager"] is False and config["batch_invariant"] == "vllm+invariant-rmsnorm"
     assert config["attention"] == "TRITON_ATTN"
