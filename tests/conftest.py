@@ -91,6 +91,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpu_model(tmp_path_factory) -> Path:
+    """The GPU suite's model: the one in ``INVARIANT_GPU_MODEL`` (made once per device session), or a
+    made Qwen3 medium (hidden 2048, 8 layers, bf16: big enough to keep an H100 busy)."""
+    given = os.environ.get("INVARIANT_GPU_MODEL")
+    if given:
+        return Path(given)
+    return make_model(tmp_path_factory.mktemp("gpu-model") / "medium", ModelSpec(size="medium"))
+
+
+@pytest.fixture(scope="session")
 def worker_pair(tiny_model, tmp_path_factory):
     """Two workers started side by side: one on the model, one on a byte-identical copy elsewhere."""
     copy = tmp_path_factory.mktemp("copy") / "tiny-qwen3-copy"

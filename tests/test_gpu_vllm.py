@@ -17,7 +17,6 @@ prefill chunked at 48 tokens, greedy and seeded: all must equal the prompt alone
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +41,6 @@ def engine(model: Path, mode: str, budget: int, out: Path, *flags: str) -> dict:
     if proc.returncode != 0:
         raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="session")
-def gpu_model(tmp_path_factory) -> Path:
-    given = os.environ.get("INVARIANT_GPU_MODEL")
-    if given:
-        return Path(given)
-    return make_model(tmp_path_factory.mktemp("gpu-model") / "medium", ModelSpec(size="medium"))
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,11 @@ worker on the same model varies in the same crowds.
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import start_worker, wait_ready
-from invariant.modelmaker import ModelSpec, make_model
 from test_worker_invariance import crowd_run
 
 torch = pytest.importorskip("torch")
@@ -30,26 +27,18 @@ PARAMS = [{"temperature": 0}, {"temperature": 0.8, "seed": 4242}]
 ENGINE = ["--engine-arg=--gpu-memory-utilization=0.4", "--engine-arg=--max-num-seqs=512"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    given = os.environ.get("INVARIANT_GPU_MODEL")
-    if given:
-        return Path(given)
-    return make_model(tmp_path_factory.mktemp("gpu-model") / "medium", ModelSpec(size="medium"))
-
-
 def crowds(url: str, name: str) -> dict:
     return {(i, n): asyncio.run(crowd_run(url, name, n, params, seed=n, tokens=TOKENS))
             for i, params in enumerate(PARAMS) for n in CROWDS}
 
 
 @pytest.fixture(scope="module")
-def served(model, tmp_path_factory):
+def served(gpu_model, tmp_path_factory):
     """Both workers, one after the other (one GPU): what each returned in every crowd."""
     logs = tmp_path_factory.mktemp("gpu-worker-logs")
     out = {}
     for label, extra in (("invariant", ()), ("stock", ("--no-invariance",))):
-        worker = start_worker(model, logs, *extra, *ENGINE, name="m")
+        worker = start_worker(gpu_model, logs, *extra, *ENGINE, name="m")
         try:
             wait_ready(worker, timeout=600)
             out[label] = {"ready": httpx.get(f"{worker.url}/invariant/ready", timeout=5).json(),
