@@ -20,4 +20,6 @@ step probe 120 python3 bench/gpu_leak_probe.py --out "$W/probe"
 step pytest_vllm 780 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_vllm.py
 step cost 600 python3 bench/gpu_worker_cost.py "$W/medium" --out "$W/cost"
 step pytest_worker 600 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py
+step determinism 900 python3 -m invariant.cli bench determinism --model "$W/medium" --n 1000 --out "$W/determinism" \
+  --stem determinism_h100 --note "GPU session: invariant worker (our RMSNorm, Triton attention) vs --no-invariance"
 touch "$W/DONE"

@@ -13,10 +13,7 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from typing import Any
 import httpx
 
 from invariant import machine
-from invariant.processes import stop_all
+from invariant.processes import WorkerStartError, start_worker, stop_all, wait_ready
 
 PROMPT = "Tell me about Richard Feynman"
 BACKGROUND_WORDS = "busy servers batch many requests together and every batch has another shape".split()
@@ -118,31 +115,6 @@ async def experiment(url: str, name: str, n: int, max_tokens: int, max_concurren
     return outputs, sent
 
 
-def _start_worker(model: Path, port: int, invariance: bool, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "invariant", "worker", "--model", str(model), "--port", str(port),
-           "--served-model-name", "bench", "--max-model-len", "2048"]
-    if not invariance:
-        cmd.append("--no-invariance")
-    with log.open("wb") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONSAFEPATH": "1"})
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"worker exited ({proc.returncode}); log: {log}")
-        try:
-            res = httpx.get(f"{url}/invariant/ready", timeout=2)
-            if res.status_code == 200:
-                return res.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise BenchError(f"worker not ready in {timeout:.0f} s; log: {log}")
-
-
 def write_report(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
@@ -212,9 +184,12 @@ def run(args: argparse.Namespace) -> None:
         url = f"http://127.0.0.1:{args.port}"
         log = logs / f"worker-{mode}.log"
         print(f"starting the {'invariant' if mode == 'on' else '--no-invariance'} worker (log: {log}) ...", flush=True)
-        proc = _start_worker(model, args.port, mode == "on", log)
+        proc = start_worker(model, args.port, log, *([] if mode == "on" else ["--no-invariance"]))
         try:
-            ready = _wait_ready(proc, url, log)
+            try:
+                ready = wait_ready(proc, url, log)
+            except WorkerStartError as exc:
+                raise BenchError(str(exc)) from exc
             outputs, sent = asyncio.run(experiment(url, "bench", args.n, args.max_tokens, args.max_concurrency,
                                                    args.background, args.seed, f"invariance {mode}"))
         finally:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from conftest import HERE_HOOKS, invariant_cli, start_worker, wait_ready
+from invariant.modelmaker import ModelSpec, make_model
 
 pytestmark = pytest.mark.engine
 
@@ -55,6 +56,29 @@ def test_concurrent_http_requests_do_not_change_the_bits(worker, params):
         got = asyncio.run(crowd_run(worker.url, worker.name, n, params, seed=n))
         assert got["token_ids"] == alone["token_ids"], f"crowd {n}: token ids differ"
         assert got["logprobs"] == alone["logprobs"], f"crowd {n}: logprobs differ"
+
+
+@pytest.fixture(scope="module")
+def stock_fp32_worker(tmp_path_factory):
+    """Control for the test above: --no-invariance on vLLM's own fallback GEMM in fp32 (MKL, which
+    picks another kernel for one row than for several on every x86 we measured; this machine kind's
+    default CPU kernels happen to be row-invariant, docs/cpu-invariance.md)."""
+    model = make_model(tmp_path_factory.mktemp("fp32") / "tiny-fp32", ModelSpec(dtype="float32"))
+    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    stock = start_worker(model, tmp_path_factory.mktemp("fp32-logs"), "--no-invariance", name="tiny",
+                         env={"PYTHONPATH": path, "INVARIANT_TEST_STOCK_GEMM": "torch"})
+    try:
+        wait_ready(stock)
+        yield stock
+    finally:
+        stock.stop()
+
+
+def test_control_the_same_crowds_vary_without_invariance(stock_fp32_worker):
+    url, name = stock_fp32_worker.url, stock_fp32_worker.name
+    alone = asyncio.run(crowd_run(url, name, 1, {"temperature": 0}, seed=0))
+    varied = [n for n in CROWDS if asyncio.run(crowd_run(url, name, n, {"temperature": 0}, seed=n)) != alone]
+    assert varied, "no crowd changed the stock worker's bits: the HTTP invariance test proves nothing"
 
 
 def test_canary_passed_on_the_invariant_worker(worker):

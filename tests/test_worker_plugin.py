@@ -155,10 +155,16 @@ def test_a_missing_compiler_is_a_one_line_worker_error(tiny_model, tmp_path):
 
 def test_the_gpu_canary_uses_a_crowd_past_upstreams_leak():
     """Upstream's invariant mode (vLLM 0.26, H100) held to a batch of 64 and broke from 256 on, 25
-    decode steps in: the GPU canary's crowd and length reach past both; the CPU's stay small."""
+    decode steps in, and FlashAttention 3 changed a chunked prefill's bits: the GPU canary's crowd,
+    length and prompt reach past all three (a long prompt behind the crowd gets split); the CPU's
+    stay small."""
     gpu, cpu = canary.sizes(True), canary.sizes(False)
     assert gpu["crowd"] + 1 > 256 and gpu["max_tokens"] > 25
-    assert cpu == {"crowd": canary.CROWD, "max_tokens": canary.MAX_TOKENS}
+    assert cpu == {"crowd": canary.CROWD, "max_tokens": canary.MAX_TOKENS, "probe_words": 0}
+    assert canary.probe(0) == canary.PROMPT
+    long = canary.probe(gpu["probe_words"])
+    assert long.startswith(canary.PROMPT) and len(long.split()) == len(canary.PROMPT.split()) + 400
+    assert canary.probe(gpu["probe_words"]) == long  # the same every start
     assert len(canary.fillers(gpu["crowd"])) == gpu["crowd"]
     v = canary.Verdict(False, 25, "token ids", crowd=gpu["crowd"])
     a = canary.Sequence((1,) * 30, (-1.0,) * 30)

@@ -26,11 +26,24 @@ MAX_TOKENS = 16
 # vLLM 0.26 holds to a batch of 64 and breaks from 256 on, 25 decode steps in (docs/gpu-vllm.md).
 GPU_CROWD = 300
 GPU_MAX_TOKENS = 48
+# On a GPU the prompt under test is also long (about 400 more words): alone its prefill fits one
+# engine step, behind the crowd it lands where the step's token budget is partly spent and is split.
+# FlashAttention 3 gave a chunked prefill other bits on an H100 (docs/gpu-vllm.md); a short prompt
+# rarely straddles a step, a long one nearly always does.
+GPU_PROBE_WORDS = 400
 
 
 def sizes(cuda: bool) -> dict[str, int]:
-    """How large a crowd and how many steps the canary uses on this device."""
-    return {"crowd": GPU_CROWD, "max_tokens": GPU_MAX_TOKENS} if cuda else {"crowd": CROWD, "max_tokens": MAX_TOKENS}
+    """How large a crowd, how many steps and how many extra prompt words the canary uses here."""
+    if cuda:
+        return {"crowd": GPU_CROWD, "max_tokens": GPU_MAX_TOKENS, "probe_words": GPU_PROBE_WORDS}
+    return {"crowd": CROWD, "max_tokens": MAX_TOKENS, "probe_words": 0}
+
+
+def probe(words: int = 0) -> str:
+    """The prompt under test: PROMPT, then ``words`` more from a fixed cycle (the same every start)."""
+    extra = " ".join(FILLER_WORDS[(j * 5) % len(FILLER_WORDS)] for j in range(words))
+    return f"{PROMPT} {extra}" if words else PROMPT
 
 
 @dataclass(frozen=True)
@@ -88,15 +101,17 @@ async def _generate(engine_client, prompt: str, params) -> Sequence:
     return Sequence(tuple(comp.token_ids), logprobs)
 
 
-async def run(engine_client, crowd: int = CROWD, max_tokens: int = MAX_TOKENS) -> tuple[Verdict, Sequence, Sequence]:
+async def run(engine_client, crowd: int = CROWD, max_tokens: int = MAX_TOKENS,
+              probe_words: int = 0) -> tuple[Verdict, Sequence, Sequence]:
     from vllm import SamplingParams
 
+    prompt = probe(probe_words)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
-    alone = await _generate(engine_client, PROMPT, params)
+    alone = await _generate(engine_client, prompt, params)
     crowd_params = SamplingParams(temperature=0.0, max_tokens=max_tokens * 2, ignore_eos=True)
     tasks = [asyncio.create_task(_generate(engine_client, f, crowd_params)) for f in fillers(crowd)]
     await asyncio.sleep(0)  # let the crowd reach the engine first, so the prompt joins its batches
-    in_crowd = await _generate(engine_client, PROMPT, params)
+    in_crowd = await _generate(engine_client, prompt, params)
     await asyncio.gather(*tasks)
     verdict = dataclasses.replace(compare(alone, in_crowd), crowd=crowd)
     if not verdict.ok:
