@@ -1,5 +1,5 @@
 """On the GPU (``-m gpu``, the device only): the CPU issue's invariance suite through real vLLM on
-CUDA, its control, and upstream's eager-mode leak with our mend.
+CUDA, its control, and upstream's eager-mode leak against our invariant mode.
 
 Each engine runs in its own process (tests/engine_run.py), on a made Qwen3 "medium" (hidden 2048,
 8 layers, bf16; or the model in ``INVARIANT_GPU_MODEL``). The prompt under test is generated alone,
@@ -117,7 +117,7 @@ def test_upstream_invariant_mode_leaks_in_eager_mode(eager):
 
 
 @pytest.mark.parametrize("n", BATCH_SIZES)
-def test_our_plugin_closes_the_eager_leak(eager, n):
+def test_our_invariant_mode_holds_in_eager_mode(eager, n):
     res = eager["invariant"]
     assert_same(res[f"batch_{n}"], res["alone"], f"eager batch {n}")
     assert_same(res[f"seeded_{n}"], res["seeded_alone"], f"eager seeded batch {n}")
