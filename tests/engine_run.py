@@ -6,7 +6,7 @@ process they load in, so the invariant and the stock engine cannot share one tes
     python tests/engine_run.py MODEL_DIR {invariant|stock|upstream} MAX_NUM_BATCHED_TOKENS OUT.json [--eager] [--canary]
 
 Modes: ``invariant`` is what the worker runs (CPU: our plugin; CUDA: upstream's VLLM_BATCH_INVARIANT=1
-plus our plugin's RMSNorm), ``stock`` is vLLM as shipped, ``upstream`` (CUDA only) is upstream's
+plus our plugin's RMSNorm and vLLM's Triton attention), ``stock`` is vLLM as shipped, ``upstream`` (CUDA only) is upstream's
 invariant mode without our plugin. On CUDA the engine compiles and captures CUDA graphs, as the
 worker does, unless ``--eager``; the CPU engine is always eager. ``--canary`` runs the worker's
 start-up canary (invariant.worker.canary, at this device's size) on an AsyncLLM instead of the
@@ -28,7 +28,7 @@ import random
 import sys
 
 BATCH_SIZES = (2, 5, 16, 33, 64, 128)
-GPU_BATCH_SIZES = BATCH_SIZES + (256, 512)  # upstream's eager leak shows from 256 tokens a step
+GPU_BATCH_SIZES = BATCH_SIZES + (256, 512)  # a GPU serves hundreds of requests a step
 WORDS = ("the numbers of a request should depend on the request and the numerics only never on the "
          "batch it happens to share with other requests in a busy server").split()
 

