@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 os.environ["VLLM_BATCH_INVARIANT"] = "1"
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = ap.parse_args()
     import torch
+    import vllm
     import vllm._custom_ops as ops
     from vllm.model_executor.layers import batch_invariant as bi
 
@@ -77,7 +79,9 @@ def main() -> None:
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "leak_probe.json").write_text(json.dumps(table, indent=1))
-    lines = ["| op | hidden | first row differs from its batch-of-1 bits at M = |", "|---|---|---|"]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"{torch.cuda.get_device_name(0)}, vLLM {vllm.__version__}, VLLM_BATCH_INVARIANT=1, bf16; {when}.", "",
+             "| op | hidden | first row differs from its batch-of-1 bits at M = |", "|---|---|---|"]
     lines += [f"| {t['op']} | {t['hidden']} | {t.get('error') or ', '.join(map(str, t['differs_at_rows'])) or 'never'} |"
               for t in table]
     (args.out / "leak_probe.md").write_text("\n".join(lines) + "\n")

@@ -105,13 +105,15 @@ def measure(model: str, out: Path) -> dict:
                 print(f"  c={c:3d}: {r['tok_s']:9.1f} tok/s  TTFT median {r['ttft_ms_median']:8.2f} ms", flush=True)
         finally:
             stop_all([proc], timeout=60)
+    meta["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return {"rows": rows, "meta": meta, "model": model}
 
 
 def table(res: dict) -> str:
     base = {r["concurrency"]: r for r in res["rows"] if r["mode"] == "stock"}
     dev = res["meta"]["device"]
-    lines = [f"Device: {dev.get('name')} (driver {dev.get('driver')}, CUDA {dev.get('cuda')}); vLLM "
+    lines = [f"Measured {res['meta'].get('when', 'at an unrecorded time')}, stock vLLM in the same run as the baseline.",
+             f"Device: {dev.get('name')} (driver {dev.get('driver')}, CUDA {dev.get('cuda')}); vLLM "
              f"{res['meta']['versions'].get('vllm')}; {OUTPUT_TOKENS} output tokens, ~256 prompt tokens, greedy.", "",
              "| mode | concurrency | output tok/s | vs stock | TTFT median ms | vs stock |", "|---|---|---|---|---|---|"]
     for r in res["rows"]:
