@@ -3,12 +3,16 @@
 #   setsid bash bench/gpu_session.sh /tmp/work &     after bench/gpu_vllm_install.sh put vLLM on PYTHONPATH
 # Steps, each under its own time limit so one hang does not cost the rest; progress in WORK/progress,
 # each step's log in WORK/, WORK/DONE at the end. Fetch WORK with: tar -czf $OUT/work.tgz -C WORK .
+# A short lease runs part of it: STEPS="make pytest_vllm" PYTEST_K="chunked or eager" bash bench/gpu_session.sh
 set -u
+STEPS=${STEPS:-make probe pytest_vllm cost pytest_worker determinism}
+PYTEST_K=${PYTEST_K:-}
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/work}; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
   echo "$(date +%T) start $name" >>"$W/progress"
   timeout "$limit" "$@" >"$W/$name.log" 2>&1
   echo "$(date +%T) end $name rc=$?" >>"$W/progress"
@@ -17,9 +21,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$W/gpu.txt"
 step make 120 python3 -m invariant.cli model make --size medium --quiet "$W/medium"
 export INVARIANT_GPU_MODEL=$W/medium
 step probe 120 python3 bench/gpu_leak_probe.py --out "$W/probe"
-step pytest_vllm 780 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_vllm.py
+step pytest_vllm 780 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_vllm.py ${PYTEST_K:+-k "$PYTEST_K"}
 step cost 600 python3 bench/gpu_worker_cost.py "$W/medium" --out "$W/cost"
-step pytest_worker 600 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py
+step pytest_worker 600 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py ${PYTEST_K:+-k "$PYTEST_K"}
 step determinism 900 python3 -m invariant.cli bench determinism --model "$W/medium" --n 1000 --out "$W/determinism" \
   --stem determinism_h100 --note "GPU session: invariant worker (our RMSNorm, Triton attention) vs --no-invariance"
 touch "$W/DONE"

@@ -472,7 +472,8 @@ class Gateway:
         stream = live_mod.render(live, request_id=new_response_id(kind), model=model, created=int(time.time()),
                                  want_logprobs=bool(body.get("logprobs")),
                                  want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage,
-                                 max_tokens=resolved.max_tokens)
+                                 max_tokens=resolved.max_tokens,
+                                 own=lambda: self.generate_with_retry(candidates, resolved, body, 0))
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     def _stream(self, kind: str, body: dict[str, Any], records: list[Record], request_id: str, model: str,

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
-from invariant.gateway.records import (Progress, Record, render_live_token, render_role_chunk,
+from invariant.gateway.records import (Progress, Record, covers, render_live_token, render_role_chunk,
                                        render_stream_rest, truncate)
 
 
@@ -75,9 +75,14 @@ class Live:
 
 
 async def render(live: Live, *, request_id: str, model: str, created: int, want_logprobs: bool,
-                 want_token_ids: bool, include_usage: bool, max_tokens: int | None = None) -> AsyncIterator[bytes]:
+                 want_token_ids: bool, include_usage: bool, max_tokens: int | None = None,
+                 own: Callable[[], Awaitable[Record]] | None = None) -> AsyncIterator[bytes]:
     """Canonical SSE of a live generation: what is known now at once, then each token as it comes.
-    ``max_tokens`` (this request's, at most the leader's) ends the stream as a shorter entry would."""
+    ``max_tokens`` (this request's, at most the leader's) ends the stream as a shorter entry would.
+
+    ``own`` generates this request on its own: the leader's longer entry cannot always be cut to a
+    shorter one (token strings that split a UTF-8 character do not say where the text of the first
+    ``max_tokens`` tokens ends), and then the rest of this stream comes from its own generation."""
     if live.kind == "chat":
         yield render_role_chunk(request_id=request_id, model=model, created=created, fingerprint=live.fingerprint)
     sent = sent_chars = 0
@@ -113,18 +118,35 @@ async def render(live: Live, *, request_id: str, model: str, created: int, want_
             yield chunk
         return
     if live.record is None:
-        error = {"error": {"message": f"the generation failed: {live.error}", "type": "server_error",
-                           "param": None, "code": "upstream_error"}}
-        yield b"data: " + json.dumps(error).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        for chunk in _failed(str(live.error)):
+            yield chunk
         return
     record = live.record
     if max_tokens is not None and len(record.token_ids) > max_tokens:
-        record = truncate(record, max_tokens)
+        if covers(record, max_tokens):
+            record = truncate(record, max_tokens)
+        else:
+            try:
+                if own is None:
+                    raise ValueError("the longer generation it followed cannot be cut to its max_tokens")
+                record = await own()
+                if record.token_ids[:sent] != live.progress.token_ids[:sent]:
+                    raise ValueError("its own generation disagreed with the tokens already sent")
+            except Exception as exc:  # the stream has begun: the error goes in it, as a worker's would
+                for chunk in _failed(str(exc)):
+                    yield chunk
+                return
     for chunk in render_stream_rest(live.kind, record, sent, request_id=request_id, model=model,
                                     created=created, want_logprobs=want_logprobs, want_token_ids=want_token_ids,
                                     include_usage=include_usage, sent_chars=sent_chars):
         yield chunk
+
+
+def _failed(message: str) -> tuple[bytes, bytes]:
+    """An OpenAI error event and the end: what a stream that has begun says when it cannot go on."""
+    error = {"error": {"message": f"the generation failed: {message}", "type": "server_error",
+                       "param": None, "code": "upstream_error"}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n", b"data: [DONE]\n\n"
 
 
 # --- the Redis side -------------------------------------------------------------------------------

@@ -76,16 +76,17 @@ def truncate(record: Record, max_tokens: int | None) -> Record:
     cut.pieces = record.pieces[:max_tokens]
     cut.finish_reason = "length"
     cut.stop_reason = None
-    cut.logprobs = truncate_logprobs(record.logprobs, max_tokens)
+    cut.logprobs = slice_logprobs(record.logprobs, 0, max_tokens)
     return cut
 
 
-def truncate_logprobs(logprobs: Any, k: int) -> Any:
+def slice_logprobs(logprobs: Any, start: int, stop: int | None = None) -> Any:
+    """The logprobs of tokens ``start:stop`` (chat: ``content``; completions: every per-token list)."""
     if not logprobs:
         return logprobs
     if "content" in logprobs:  # chat
-        return {**logprobs, "content": (logprobs.get("content") or [])[:k]}
-    return {key: (value[:k] if isinstance(value, list) else value) for key, value in logprobs.items()}
+        return {**logprobs, "content": (logprobs.get("content") or [])[start:stop]}
+    return {key: (value[start:stop] if isinstance(value, list) else value) for key, value in logprobs.items()}
 
 
 def pieces_from_completion(choice: dict[str, Any]) -> list[str]:
@@ -358,7 +359,8 @@ def render_live_token(kind: str, progress: Progress, i: int, *, request_id: str,
 def render_stream_rest(kind: str, rec: Record, sent: int, *, request_id: str, model: str, created: int,
                        want_logprobs: bool, want_token_ids: bool, include_usage: bool,
                        sent_chars: int = 0) -> Iterator[bytes]:
-    """What ``render_stream([rec])`` sends after its first ``sent`` token chunks (and the role chunk)."""
+    """What ``render_stream([rec])`` sends after its first ``sent`` token chunks (and the role chunk);
+    for an entry stored whole after ``sent`` tokens went out live, the rest of it without repeats."""
     chunks = list(render_stream(kind, [rec], request_id=request_id, model=model, created=created,
                                 want_logprobs=want_logprobs, want_token_ids=want_token_ids,
                                 include_usage=include_usage))
@@ -368,11 +370,14 @@ def render_stream_rest(kind: str, rec: Record, sent: int, *, request_id: str, mo
         yield from chunks[head + (sent if per_token else 0):]
         return
     # Rare: tokens were sent live one per chunk, but the entry is stored whole (a worker chunk carried
-    # several tokens later on). Send the rest of the text in one chunk, then the end.
+    # several tokens later on). Send the rest of the text and ids in one chunk, then the end with the
+    # logprobs of the tokens not sent yet: each token's ids and logprobs reach the client once.
     ids = rec.token_ids[sent:] if want_token_ids else None
     yield _event(kind, request_id, model, created, rec.fingerprint,
                  [_token_choice(kind, 0, rec.text[sent_chars:], None, ids)])
-    yield from chunks[head + 1:]
+    rest = slice_logprobs(rec.logprobs, sent) if want_logprobs and rec.logprobs else None
+    yield _event(kind, request_id, model, created, rec.fingerprint, [_final_choice(kind, 0, rec, rest)])
+    yield from chunks[head + len(rec.pieces) + 1:]  # after the pieces and the final chunk: usage, [DONE]
 
 
 def render_role_chunk(*, request_id: str, model: str, created: int, fingerprint: str) -> bytes:

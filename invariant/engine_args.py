@@ -60,3 +60,19 @@ def engine_arg_errors(args: list[Any]) -> list[str]:
             if number <= 0:
                 errors.append(f"engine arg {flag} must be positive, got {value}")
     return errors
+
+
+# Engine sizes that vLLM's compiled CUDA path is built for (inductor's size hints and the CUDA-graph
+# capture sizes derive from them). On the H100, engines that differed only in the step budget (2048
+# vs 48 tokens) gave a prompt's first logprob apart in the 7th digit (docs/gpu-vllm.md), while
+# crowds of 2-512 in one engine gave equal bits: until a run says which op it is, these sizes are
+# part of a CUDA worker's numerics.
+COMPILE_SHAPE_ARGS = ("--max-num-batched-tokens", "--max-num-seqs")
+
+
+def compile_shape(args: list[str] | tuple[str, ...]) -> dict[str, int | str]:
+    """The sizes ``COMPILE_SHAPE_ARGS`` given in ``args`` (``default``: vLLM's, which its pinned
+    version decides)."""
+    given = dict(arg.partition("=")[::2] for arg in args if isinstance(arg, str))
+    return {flag.lstrip("-").replace("-", "_"): int(given[flag]) if given.get(flag) else "default"
+            for flag in COMPILE_SHAPE_ARGS}

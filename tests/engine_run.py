@@ -17,6 +17,9 @@ Scenarios (greedy unless named; token ids and logprobs of the prompt under test)
   seeded_alone, seeded_<n>  the same at temperature 0.8 with a fixed seed
   prefix_warm               the prompt again right after itself (all its blocks cached)
   prefix_shared             the prompt after another prompt with the same long prefix (part cached)
+  split_prefill             the prompt behind requests that fill all but SPLIT_AT tokens of the step
+                            budget: its prefill is split in two by the budget, in the same engine
+  alone_chunked             the prompt alone while the (small) token budget splits every prefill
   crowd_chunked             the prompt amid a crowd while the token budget splits every prefill
 """
 
@@ -28,6 +31,7 @@ import random
 import sys
 
 BATCH_SIZES = (2, 5, 16, 33, 64, 128)
+SPLIT_AT = 40  # split_prefill: tokens of the prompt's prefill in the first step
 GPU_BATCH_SIZES = BATCH_SIZES + (256, 512)  # a GPU serves hundreds of requests a step
 WORDS = ("the numbers of a request should depend on the request and the numerics only never on the "
          "batch it happens to share with other requests in a busy server").split()
@@ -48,6 +52,7 @@ def configure(mode: str, cuda: bool) -> None:
         else:
             os.environ.pop("INVARIANT_BATCH_INVARIANT", None)
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # as the worker: see apply_environment
         return
     os.environ["INVARIANT_BATCH_INVARIANT"] = "cpu" if mode == "invariant" else "off"
     os.environ["VLLM_CPU_ATTN_SPLIT_KV"] = "0" if mode == "invariant" else os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "1")
@@ -83,6 +88,19 @@ def run_canary(kwargs: dict) -> dict:
     finally:
         engine.shutdown()
     return {"canary": canary.summary(verdict, alone, crowd)}
+
+
+def budget_head(llm, fillers: list[str], tokens: int) -> list[dict]:
+    """Prompts of ``tokens`` tokens in all (none longer than the model allows), to go before the
+    prompt under test: first come, first scheduled, they leave it the rest of the step budget."""
+    ids: list[int] = []
+    for filler in fillers:
+        ids += llm.get_tokenizer().encode(filler, add_special_tokens=False)
+        if len(ids) >= tokens:
+            break
+    ids = ids[:tokens]
+    longest = llm.llm_engine.model_config.max_model_len - 64  # room for the 64 steps generated
+    return [{"prompt_token_ids": ids[i:i + longest]} for i in range(0, len(ids), longest)]
 
 
 def main() -> None:
@@ -124,6 +142,7 @@ def main() -> None:
         for n in sizes:
             llm.reset_prefix_cache()
             results[f"batch_{n}"] = run([prompt] + fillers[: n - 1], greedy)
+        results["split_prefill"] = run(budget_head(llm, fillers, budget - SPLIT_AT) + [prompt], greedy, at=-1)
         results["prefix_warm"] = run([prompt], greedy)
         llm.reset_prefix_cache()
         run([sibling], greedy)

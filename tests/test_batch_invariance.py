@@ -91,6 +91,12 @@ def test_chunked_prefill_gives_the_same_bits(runs, case):
     assert_same(runs["chunked"][case], runs["full"]["alone"], f"{runs['dtype']} {case}")
 
 
+def test_a_prefill_split_by_a_full_step_gives_the_same_bits(runs):
+    """In one engine: requests ahead of it leave the prompt 40 tokens of a step, the rest of its
+    prefill comes a step later - the same bits as its prefill in one step."""
+    assert_same(runs["full"]["split_prefill"], runs["full"]["alone"], f"{runs['dtype']} split prefill")
+
+
 def test_control_without_plugin_detects_variance(tmp_path):
     """Control: the same scenarios, plugin off, vLLM's fallback GEMM, fp32: the batch shows."""
     model = make_model(tmp_path / "model", ModelSpec(dtype="float32"))
@@ -100,3 +106,4 @@ def test_control_without_plugin_detects_variance(tmp_path):
     seeded_varied = [n for n in BATCH_SIZES if res[f"seeded_{n}"]["logprobs"] != res["seeded_alone"]["logprobs"]]
     assert varied, "stock vLLM showed no batch variance: the control cannot tell invariance from luck"
     assert seeded_varied, "stock vLLM showed no seeded batch variance"
+    assert res["split_prefill"] != res["alone"], "stock vLLM showed no variance behind a full step"

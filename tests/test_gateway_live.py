@@ -129,6 +129,7 @@ def test_a_shorter_follower_ends_at_its_max_tokens_bitwise(gateway, worker):
     lps = [v for c in got for ch in c["choices"] for v in ((ch.get("logprobs") or {}).get("token_logprobs") or [])]
     assert ids == fresh["choices"][0]["token_ids"] and len(ids) == 40
     assert lps == fresh["choices"][0]["logprobs"]["token_logprobs"]
+    assert "".join(ch.get("text") or "" for c in got for ch in c["choices"]) == fresh["choices"][0]["text"]
     assert [ch["finish_reason"] for c in got for ch in c["choices"] if ch.get("finish_reason")] == ["length"]
 
 

@@ -106,3 +106,80 @@ def test_live_tokens_render_the_canonical_stream_bytes():
     assert live == canonical
     prefix = p.prefix_record(2)
     assert prefix.token_ids == [653, 106] and prefix.finish_reason == "length" and prefix.pieces == ["So", ""]
+
+
+# A generation whose token strings do not spell its text (a split UTF-8 character), streamed one
+# token per chunk for three tokens, then two in one chunk (vLLM merges when its reader falls behind).
+SPLIT = [
+    {"created": 7, "choices": [{"index": 0, "text": "So", "token_ids": [653], "logprobs": {"tokens": ["So"], "token_logprobs": [-4.25]}}]},
+    {"created": 7, "choices": [{"index": 0, "text": "", "token_ids": [106], "logprobs": {"tokens": ["\ufffd"], "token_logprobs": [-3.5]}}]},
+    {"created": 7, "choices": [{"index": 0, "text": "\u00e9", "token_ids": [107], "logprobs": {"tokens": ["\ufffd"], "token_logprobs": [-3.75]}}]},
+    {"created": 7, "choices": [{"index": 0, "text": " ok", "token_ids": [9, 10], "logprobs": {"tokens": [" o", "k"], "token_logprobs": [-1.5, -2.5]}, "finish_reason": "length"}]},
+    {"created": 7, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}, "system_fingerprint": "inv-x"},
+]
+
+
+def _client_view(raw: list[bytes]) -> tuple[str, list[int], list[float], list[dict]]:
+    text, ids, lps, errors = "", [], [], []
+    for line in raw:
+        if line == b"data: [DONE]\n\n":
+            continue
+        chunk = json.loads(line[len(b"data: "):])
+        if "error" in chunk:
+            errors.append(chunk["error"])
+        for c in chunk.get("choices") or []:
+            text += c.get("text") or ""
+            ids += c.get("token_ids") or []
+            lps += ((c.get("logprobs") or {}).get("token_logprobs")) or []
+    return text, ids, lps, errors
+
+
+def _follow(max_tokens: int, own=None) -> list[bytes]:
+    import asyncio
+
+    from invariant.gateway.live import Live, render
+    from invariant.gateway.records import Progress
+
+    async def go() -> list[bytes]:
+        live = Live("completions", "inv-x", max_tokens=5)
+        stream = render(live, request_id="r", model="m", created=1, want_logprobs=True, want_token_ids=True,
+                        include_usage=True, max_tokens=max_tokens, own=own)
+        for chunk in SPLIT[:3]:
+            live.feed(chunk)
+        out = [await anext(stream) for _ in range(3)]  # the three single-token chunks, sent live
+        progress = Progress("completions")
+        for chunk in SPLIT:
+            progress.feed(chunk)
+        for chunk in SPLIT[3:]:
+            live.feed(chunk)
+        live.finish(progress.record())
+        return out + [b async for b in stream]
+    return asyncio.run(go())
+
+
+def test_a_follower_gets_each_token_once_when_the_entry_is_stored_whole():
+    text, ids, lps, errors = _client_view(_follow(5))
+    assert not errors and text == "So\u00e9 ok" and ids == [653, 106, 107, 9, 10]
+    assert lps == [-4.25, -3.5, -3.75, -1.5, -2.5]  # the three sent live are not repeated at the end
+
+
+def test_a_shorter_follower_of_an_uncuttable_entry_finishes_from_its_own_generation():
+    calls = []
+    fresh = {"text": "So\u00e9", "token_ids": [653, 106, 107], "finish_reason": "length",
+             "logprobs": {"tokens": ["So", "\ufffd", "\ufffd"], "token_logprobs": [-4.25, -3.5, -3.75]}}
+
+    async def own():
+        calls.append(1)
+        return record_from_choice("completions", fresh, 5, "inv-x", 7)
+
+    text, ids, lps, errors = _client_view(_follow(3, own))
+    assert calls and not errors
+    assert (text, ids, lps) == ("So\u00e9", [653, 106, 107], [-4.25, -3.5, -3.75])
+    # Without one, the stream ends in an error rather than in the longer entry's text.
+    text, ids, lps, errors = _client_view(_follow(3))
+    assert errors and "cannot be cut" in errors[0]["message"] and " ok" not in text
+
+    async def other():  # a generation that disagrees with what was sent is not spliced in
+        return record_from_choice("completions", {**fresh, "token_ids": [653, 106, 108]}, 5, "inv-x", 7)
+
+    assert "disagreed" in _client_view(_follow(3, other))[3][0]["message"]

@@ -183,6 +183,9 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     assert config["enforce_eager"] is False and config["batch_invariant"] == "vllm+invariant-rmsnorm"
     assert config["attention"] == "TRITON_ATTN"
     assert config["invariant_kernels"]["arch"] == "sm90"
+    assert config["compiled_for"] == {"max_num_batched_tokens": "default", "max_num_seqs": "default"}
+    budget = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", engine_args=("--max-num-batched-tokens=48",))
+    assert budget["compiled_for"]["max_num_batched_tokens"] == 48 and budget != config
     assert set(config["invariant_kernels"]) == {"triton", "arch", "pinned", "source_sha256", "table_sha256"}
     assert kernel_config(cuda=True, invariance=False) == {"backend": "cuda", "enforce_eager": False,
                                                           "batch_invariant": "off"}

@@ -14,6 +14,7 @@ import signal
 import uuid
 from typing import Any
 
+from invariant.engine_args import compile_shape
 from invariant.worker import canary
 from invariant.worker.fingerprint import collect_parts, compute_fingerprint
 from invariant.worker.options import WorkerConfigError, WorkerOptions, pin_disagreements, validate
@@ -35,8 +36,10 @@ def cuda_available() -> bool:
 GPU_INVARIANT_ATTENTION = "TRITON_ATTN"
 
 
-def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm") -> dict[str, Any]:
-    """What selects the kernels, and with them the bits: backend, compile mode, threads.
+def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm",
+                  engine_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What selects the kernels, and with them the bits: backend, compile mode, threads, and on
+    CUDA the sizes the engine is compiled for (``engine_args.compile_shape``).
     ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
     import torch
 
@@ -50,7 +53,8 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         # their source, pinned constants and Triton version decide those bits.
         arch = gpu_arch or arch_of(torch.device("cuda"))
         return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "attention": GPU_INVARIANT_ATTENTION, "gemm": gemm, "invariant_kernels": identity(arch)}
+                "attention": GPU_INVARIANT_ATTENTION, "gemm": gemm, "invariant_kernels": identity(arch),
+                "compiled_for": compile_shape(engine_args)}
     config: dict[str, Any] = {
         "backend": "cpu",
         # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
@@ -105,6 +109,10 @@ def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from invariant.worker import plugin
 
+    if cuda:
+        # The engine core is a child process; forked, it dies with "Cannot re-initialize CUDA in
+        # forked subprocess" once anything in this process touched CUDA first (an H100 run did).
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     if cuda and options.invariance:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
         os.environ[plugin.ENV] = "cuda"
@@ -151,7 +159,8 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
         dtype=dtype,
         tensor_parallel_size=options.tensor_parallel_size,
         invariance=invariance,
-        kernel_config=kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm),
+        kernel_config=kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm,
+                                    engine_args=options.extra_vllm_args),
     )
     fingerprint = compute_fingerprint(parts)
     state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name,
