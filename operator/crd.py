@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from invariant.engine_args import GPU_GEMMS
 from invariant.operator.spec import API_GROUP, API_VERSION, DTYPES, KIND, PLURAL, SHARING
 
 
@@ -68,6 +69,9 @@ def spec_schema() -> dict[str, Any]:
                     "driverVersion": {"type": "string", "pattern": r"^\d+\.\d+(\.\d+)?$"},
                     "dtype": {"type": "string", "enum": list(DTYPES), "default": "bfloat16"},
                     "tensorParallelSize": {"type": "integer", "minimum": 1, "maximum": 8, "default": 1},
+                    "gemm": {"type": "string", "enum": list(GPU_GEMMS), "default": "vllm",
+                             "description": "Whose GEMM the worker runs: vLLM's invariant Triton matmul or "
+                                            "invariant's (faster on H100; docs/gpu-vllm.md). Part of the fingerprint."},
                     "expectedFingerprint": {"type": "string", "pattern": "^inv-[0-9a-f]{16}$",
                                             "description": "Optional: the exact numerics fingerprint to require."},
                 },

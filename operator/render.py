@@ -70,6 +70,8 @@ def worker_args(view: ModelSpecView) -> list[str]:
             "--expect-gpu-product", n.gpu_product, "--expect-driver-version", n.driver_version]
     if n.expected_fingerprint:
         args += ["--expect-fingerprint", n.expected_fingerprint]
+    if n.gemm != "vllm":
+        args += ["--gpu-gemm", n.gemm]
     args += [f"--engine-arg={arg}" for arg in view.engine_args]
     return args
 

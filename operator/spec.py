@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from invariant.engine_args import engine_arg_errors
+from invariant.engine_args import GPU_GEMMS, engine_arg_errors
 
 API_GROUP = "invariant.dev"
 API_VERSION = "v1alpha1"
@@ -52,10 +52,14 @@ class Numerics:
     dtype: str
     tensor_parallel_size: int
     expected_fingerprint: str | None = None
+    gemm: str = "vllm"
 
     def pins(self) -> dict[str, Any]:
-        return {"image": self.image, "gpuProduct": self.gpu_product, "driverVersion": self.driver_version,
+        pins = {"image": self.image, "gpuProduct": self.gpu_product, "driverVersion": self.driver_version,
                 "dtype": self.dtype, "tensorParallelSize": self.tensor_parallel_size}
+        if self.gemm != "vllm":  # only when chosen: models deployed before the field keep their pins hash
+            pins["gemm"] = self.gemm
+        return pins
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecV
     tp = num.get("tensorParallelSize", 1)
     if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= 8:
         errors.append(f"spec.numerics.tensorParallelSize {tp!r} must be an integer from 1 to 8")
+    gemm = num.get("gemm", "vllm")
+    if gemm not in GPU_GEMMS:
+        errors.append(f"spec.numerics.gemm {gemm!r} must be one of {', '.join(GPU_GEMMS)}")
     expected = num.get("expectedFingerprint")
     if expected is not None and not FINGERPRINT.match(expected):
         errors.append(f"spec.numerics.expectedFingerprint {expected!r} must look like inv- and 16 hex digits")
@@ -144,7 +151,7 @@ def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecV
         namespace=namespace,
         model=source,
         numerics=Numerics(image=image, gpu_product=gpu, driver_version=driver, dtype=dtype,
-                          tensor_parallel_size=tp, expected_fingerprint=expected),
+                          tensor_parallel_size=tp, expected_fingerprint=expected, gemm=gemm),
         replicas=replicas,
         resources=spec.get("resources") or {},
         node_selector=spec.get("nodeSelector") or {},

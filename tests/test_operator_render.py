@@ -58,6 +58,7 @@ def test_rendering_is_a_pure_function():
     {"numerics.dtype": "float16"},
     {"numerics.tensorParallelSize": 2},
     {"model.huggingFace.revision": "f" * 40},
+    {"numerics.gemm": "invariant"},
 ])
 def test_every_pin_change_is_a_rollout(change):
     before = render(dm_spec())[0]["spec"]["template"]["metadata"]["labels"][LABEL_PINS]
@@ -65,9 +66,16 @@ def test_every_pin_change_is_a_rollout(change):
     assert before != after
 
 
-@pytest.mark.parametrize("change", [{"replicas": 5}, {"cache.ttlSeconds": 10}, {"engineArgs": ["--max-num-seqs=8"]}])
+@pytest.mark.parametrize("change", [{"replicas": 5}, {"cache.ttlSeconds": 10}, {"engineArgs": ["--max-num-seqs=8"]},
+                                    {"numerics.gemm": "vllm"}])  # the default, as the API server fills it in
 def test_non_pins_do_not_change_the_pins_hash(change):
     assert pins_hash(parse_spec("q", "ns", dm_spec())) == pins_hash(parse_spec("q", "ns", dm_spec(**change)))
+
+
+def test_the_gemm_choice_reaches_the_worker():
+    args = render(dm_spec(**{"numerics.gemm": "invariant"}))[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--gpu-gemm") + 1] == "invariant"
+    assert "--gpu-gemm" not in render(dm_spec())[0]["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_pvc_source_mounts_the_claim_read_only():
@@ -116,6 +124,7 @@ REFUSALS = [
     ({"numerics.driverVersion": "latest"}, "spec.numerics.driverVersion 'latest' must look like 580.95.05"),
     ({"numerics.dtype": "int8"}, "spec.numerics.dtype 'int8' must be one of bfloat16, float16, float32"),
     ({"numerics.tensorParallelSize": 0}, "spec.numerics.tensorParallelSize 0 must be an integer from 1 to 8"),
+    ({"numerics.gemm": "cublas"}, "spec.numerics.gemm 'cublas' must be one of vllm, invariant"),
     ({"numerics.expectedFingerprint": "vllm-0.32.0"},
      "spec.numerics.expectedFingerprint 'vllm-0.32.0' must look like inv- and 16 hex digits"),
     ({"cache.sharing": "everyone"}, "spec.cache.sharing 'everyone' must be one of tenant, shared"),
@@ -139,3 +148,15 @@ def test_service_only_depends_on_name():
     svc = render_service(parse_spec("qwen", "models", dm_spec()), OWNER)
     assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
     assert DIGEST not in json.dumps(svc)
+
+
+def test_the_rendered_worker_command_is_one_the_worker_accepts():
+    """The pod's args parse with the image's CLI into the options the spec asked for."""
+    from invariant.cli import _worker_options, build_parser
+
+    spec = dm_spec(**{"numerics.gemm": "invariant", "numerics.expectedFingerprint": "inv-0123456789abcdef"})
+    args = build_parser().parse_args(render(spec)[0]["spec"]["template"]["spec"]["containers"][0]["args"])
+    options = _worker_options(args)
+    assert (options.gpu_gemm, options.expect_fingerprint, options.served_model_name) == (
+        "invariant", "inv-0123456789abcdef", "qwen3-8b")
+    assert options.extra_vllm_args == ("--max-model-len=8192",)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from invariant.engine_args import engine_arg_errors
+from invariant.engine_args import GPU_GEMMS, engine_arg_errors
 from invariant.net import PortError, check_port_free
 
 # The architectures our invariant kernels and canary are written and tested for.
@@ -89,7 +89,6 @@ def check_architecture(model_config: dict) -> str:
     )
 
 
-GPU_GEMMS = ("vllm", "invariant")
 
 
 def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> tuple[dict, str]:
