@@ -13,12 +13,11 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
+
+from invariant.processes import WorkerStartError, start_worker, stop_all, wait_ready
 
 PROMPT = "A reproducible answer depends on the request and the numerics, never on the batch."
 
@@ -59,26 +58,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = ap.parse_args()
     url = f"http://127.0.0.1:{args.port}"
-    log = open(args.out / "worker.log", "w")
-    cmd = [sys.executable, "-m", "invariant.cli", "worker", "--model", args.model, "--port", str(args.port),
-           "--served-model-name", "m"] + (["--no-invariance"] if args.no_invariance else [])
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    log = args.out / "worker.log"
+    proc = start_worker(args.model, args.port, log, *(["--no-invariance"] if args.no_invariance else []), name="m")
     result: dict = {"mode": "off" if args.no_invariance else "on"}
     try:
-        deadline = time.monotonic() + 400
-        ready = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                r = httpx.get(f"{url}/invariant/ready", timeout=5)
-                body = r.json()
-                if r.status_code == 200 or not (body.get("reasons") or ["starting"])[0].startswith("starting"):
-                    ready = dict(status=r.status_code, body=body)
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(2)
+        try:
+            ready = {"status": 200, "body": wait_ready(proc, url, log, timeout=400)}
+        except WorkerStartError as exc:  # a failed canary is a result here, not only an error
+            ready = None
+            result["error"] = str(exc)
         result["ready"] = ready
-        print("ready:", json.dumps(ready)[:600], flush=True)
+        print("ready:", json.dumps(ready)[:600], result.get("error", ""), flush=True)
         if ready is not None:
             fp = httpx.get(f"{url}/invariant/fingerprint", timeout=10).json()
             parts = fp.get("parts", {})
@@ -87,11 +77,7 @@ def main() -> None:
             print("fingerprint:", result["fingerprint"], json.dumps(result["parts"])[:800], flush=True)
             result["crowds"] = asyncio.run(crowd_check(url, [int(s) for s in args.crowds.split(",")], args.tokens))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_all([proc])
         (args.out / f"worker_check_{result['mode']}.json").write_text(json.dumps(result, indent=1))
 
 
