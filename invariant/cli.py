@@ -84,7 +84,8 @@ def _fingerprint_options(args: argparse.Namespace):
     from invariant.worker.options import WorkerOptions
 
     return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                         invariance=not args.no_invariance, gpu_gemm=args.gpu_gemm)
+                         invariance=not args.no_invariance, gpu_gemm=args.gpu_gemm,
+                         extra_vllm_args=tuple(args.engine_arg or ()))
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -134,6 +135,12 @@ def _add_gemm_arg(p: argparse.ArgumentParser) -> None:
                         "invariant (ours: fixed K chunks, a kernel per batch size)")
 
 
+def _add_engine_arg(p: argparse.ArgumentParser, why: str = "") -> None:
+    p.add_argument("--engine-arg", action="append", metavar="--FLAG[=VALUE]",
+                   help="extra vLLM engine argument from the allow-list (repeatable), e.g. "
+                        "--engine-arg=--max-num-seqs=64" + (f"; {why}" if why else ""))
+
+
 def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--model", required=model_required, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -175,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Serve a model with vLLM's OpenAI-compatible server, in-process, with "
                                         "the numerics fingerprint and /invariant/ready.")
     _add_worker_args(worker, model_required=True)
-    worker.add_argument("--engine-arg", action="append", metavar="--FLAG[=VALUE]",
-                        help="extra vLLM engine argument from the allow-list (repeatable), e.g. --engine-arg=--max-num-seqs=64")
+    _add_engine_arg(worker)
     worker.add_argument("--expect-gpu-product", help="pinned GPU product (GFD label form); unready if it differs")
     worker.add_argument("--expect-driver-version", help="pinned NVIDIA driver version; unready if it differs")
     worker.add_argument("--expect-fingerprint", help="pinned numerics fingerprint; unready if it differs")
@@ -187,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     fp.add_argument("--dtype", default="auto", help="as for `invariant worker`")
     _add_gemm_arg(fp)
+    _add_engine_arg(fp, "as the worker gets them: on a GPU the step budget and sequence count are in the fingerprint")
     fp.add_argument("--tensor-parallel-size", type=int, default=1)
     fp.add_argument("--no-invariance", action="store_true", help="the fingerprint of a --no-invariance worker")
     fp.add_argument("--json", action="store_true", help="print all parts as JSON")

@@ -117,3 +117,12 @@ def test_cli_fingerprint_same_pins_same_value_dtype_and_weights_change_it(tiny_m
     weights["lm_head.weight"][0, 0] += 1
     save_file(weights, copy_dir / "model.safetensors", metadata={"format": "pt"})
     assert cli_fingerprint(copy_dir)["fingerprint"] != a["fingerprint"]
+
+
+def test_cli_fingerprint_takes_the_workers_engine_args(tiny_model):
+    """On the CPU (eager, no compile) the engine's sizes do not decide the bits; on a GPU they are in
+    ``kernels.compiled_for`` - either way the CLI must see what the worker gets, and refuse the same."""
+    sized = cli_fingerprint(tiny_model, "--engine-arg=--max-num-seqs=8")
+    assert sized == cli_fingerprint(tiny_model) and "compiled_for" not in sized["parts"]["kernels"]
+    res = invariant_cli("fingerprint", "--model", str(tiny_model), "--engine-arg=--kv-cache-dtype=fp8")
+    assert res.returncode != 0 and "engine arg --kv-cache-dtype is refused" in res.stderr
