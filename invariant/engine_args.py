@@ -30,6 +30,7 @@ ENGINE_ARG_WHY = {
                         "batch-invariant on GPUs (an H100 differed from a batch of 2: docs/gpu-vllm.md)"),
     "--seed": "the seed is fixed by the worker",
     "--attention-backend": "the attention kernel decides the bits: the invariant GPU worker fixes it",
+    "--compilation-config": "the compile settings decide the bits: the invariant GPU worker fixes them",
 }
 
 

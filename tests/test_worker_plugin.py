@@ -5,6 +5,7 @@ No engine here: these are the decisions, tested as functions or through the fast
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -184,11 +185,34 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     assert config["attention"] == "TRITON_ATTN"
     assert config["invariant_kernels"]["arch"] == "sm90"
     assert config["compiled_for"] == {"max_num_batched_tokens": "default", "max_num_seqs": "default"}
+    assert config["inductor"]["deterministic"] is True and config["inductor"]["benchmark_combo_kernel"] is False
     budget = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", engine_args=("--max-num-batched-tokens=48",))
     assert budget["compiled_for"]["max_num_batched_tokens"] == 48 and budget != config
     assert set(config["invariant_kernels"]) == {"triton", "arch", "pinned", "source_sha256", "table_sha256"}
     assert kernel_config(cuda=True, invariance=False) == {"backend": "cuda", "enforce_eager": False,
                                                           "batch_invariant": "off"}
+
+
+def test_the_cuda_worker_compiles_with_inductor_picking_reductions_without_timing(tiny_model):
+    """The invariant CUDA worker's argv fixes attention and inductor's settings; this torch takes
+    the settings (inductor refuses a key it does not have), and a user cannot override them."""
+    import torch._inductor.config as inductor
+
+    from invariant.engine_args import engine_arg_errors
+    from invariant.worker.options import WorkerOptions
+    from invariant.worker.server import inductor_patches, vllm_argv
+
+    patches = inductor_patches()
+    with inductor.patch(patches):
+        assert inductor.deterministic and not inductor.benchmark_combo_kernel
+    argv = vllm_argv(WorkerOptions(model=str(tiny_model)), dtype="bfloat16", fingerprint="inv-0", cuda=True)
+    assert argv[argv.index("--attention-backend") + 1] == "TRITON_ATTN"
+    assert json.loads(argv[argv.index("--compilation-config") + 1]) == {"inductor_compile_config": patches}
+    stock = vllm_argv(WorkerOptions(model=str(tiny_model), invariance=False), dtype="bfloat16", fingerprint="inv-0",
+                      cuda=True)
+    assert "--compilation-config" not in stock and "--attention-backend" not in stock
+    (err,) = engine_arg_errors(['--compilation-config={"mode": 0}'])
+    assert err == "engine arg --compilation-config is refused: the compile settings decide the bits: the invariant GPU worker fixes them"
 
 
 def test_our_gemm_as_a_custom_op_gives_the_kernel_bits_and_a_fake_shape():

@@ -8,6 +8,7 @@ rather than its ``run_server``, because we need the FastAPI app in hand before i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -30,10 +31,27 @@ def cuda_available() -> bool:
 
 
 # FlashAttention 3 (vLLM's default on Hopper, num_splits=1 in invariant mode) still picks its kernel
-# from the step's longest query: a prompt whose prefill is chunked, or that shares a step with other
-# prefills, got other bits on an H100 (docs/gpu-vllm.md). vLLM's Triton attention in invariant mode
-# walks the KV cache in fixed 32-token tiles from position 0 for every query, whatever the step holds.
+# variant from the step's longest query (suspected in a seeded HTTP crowd that differed on an H100,
+# docs/gpu-vllm.md). vLLM's Triton attention in invariant mode always runs its 2-D kernel, walking
+# the KV cache in fixed 32-token tiles from position 0 for every query, whatever the step holds.
 GPU_INVARIANT_ATTENTION = "TRITON_ATTN"
+
+
+def inductor_patches() -> dict[str, bool]:
+    """Inductor settings an invariant CUDA worker compiles with (as far as the installed torch has them).
+
+    Compiled, vLLM 0.26 runs RMSNorm as its native IR op, which inductor lowers to a generated
+    reduction kernel; inductor picks that kernel's block shape from the batch-size hint the graph was
+    traced with (the engine's token budget) and, where several shapes fit, by timing them on the
+    device at first use - another start could pick another and give other bits under the same
+    fingerprint. ``deterministic`` picks one shape without timing; ``batch_invariant`` (newer torch)
+    also stops the pick from following the hint. vLLM turns on combo kernels chosen by timing:
+    naming ``benchmark_combo_kernel`` keeps them off."""
+    import torch._inductor.config as inductor
+
+    patches = {key: True for key in ("deterministic", "batch_invariant") if hasattr(inductor, key)}
+    patches["benchmark_combo_kernel"] = False
+    return patches
 
 
 def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm",
@@ -54,7 +72,7 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         arch = gpu_arch or arch_of(torch.device("cuda"))
         return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
                 "attention": GPU_INVARIANT_ATTENTION, "gemm": gemm, "invariant_kernels": identity(arch),
-                "compiled_for": compile_shape(engine_args)}
+                "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
     config: dict[str, Any] = {
         "backend": "cpu",
         # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
@@ -143,7 +161,8 @@ def vllm_argv(options: WorkerOptions, *, dtype: str, fingerprint: str, cuda: boo
     if not cuda:
         argv += ["--enforce-eager"]
     elif options.invariance:
-        argv += ["--attention-backend", GPU_INVARIANT_ATTENTION]
+        argv += ["--attention-backend", GPU_INVARIANT_ATTENTION,
+                 "--compilation-config", json.dumps({"inductor_compile_config": inductor_patches()})]
     return argv + list(options.extra_vllm_args)
 
 
