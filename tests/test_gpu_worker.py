@@ -2,8 +2,9 @@
 
 The worker's own path (upstream's invariant mode, our RMSNorm, vLLM's Triton attention, CUDA graphs): its canary passed,
 its fingerprint names the GPU and our kernels, and the prompt sent amid crowds of up to 512
-concurrent requests gives the bits it gives alone, greedy and seeded. Control: a --no-invariance
-worker on the same model varies in the same crowds.
+concurrent requests gives the bits it gives alone, greedy and seeded; started anew with empty
+compile caches it serves the same fingerprint and bits. Control: a --no-invariance worker on the
+same model varies in the same crowds.
 """
 
 from __future__ import annotations
@@ -38,16 +39,22 @@ def crowds(url: str, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def served(gpu_model, tmp_path_factory):
-    """Both workers, one after the other (one GPU): what each returned in every crowd."""
+    """The workers, one after the other (one GPU): what each returned in every crowd. ``again`` is
+    the invariant worker started anew with empty compile caches, as a replica on another node
+    starts: it compiles and picks its kernels afresh (the prompt alone only)."""
     logs = tmp_path_factory.mktemp("gpu-worker-logs")
+    fresh = {"VLLM_DISABLE_COMPILE_CACHE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor")),
+             "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton"))}
     out = {}
-    for label, extra in (("invariant", ()), ("stock", ("--no-invariance",))):
-        worker = start_worker(gpu_model, logs, *extra, *ENGINE, name="m")
+    for label, extra, env in (("invariant", (), None), ("stock", ("--no-invariance",), None), ("again", (), fresh)):
+        worker = start_worker(gpu_model, logs, *extra, *ENGINE, name="m", env=env)
         try:
             wait_ready(worker, timeout=600)
             out[label] = {"ready": httpx.get(f"{worker.url}/invariant/ready", timeout=5).json(),
-                          "fingerprint": httpx.get(f"{worker.url}/invariant/fingerprint", timeout=5).json(),
-                          "crowds": crowds(worker.url, "m")}
+                          "fingerprint": httpx.get(f"{worker.url}/invariant/fingerprint", timeout=5).json()}
+            out[label]["crowds"] = (crowds(worker.url, "m") if label != "again" else
+                                    {(i, 1): asyncio.run(crowd_run(worker.url, "m", 1, params, seed=1, tokens=TOKENS))
+                                     for i, params in enumerate(PARAMS)})
         finally:
             worker.stop()
     return out
@@ -61,6 +68,7 @@ def test_worker_is_ready_with_its_canary_and_gpu_fingerprint(served):
     assert parts["kernels"]["batch_invariant"] == "vllm+invariant-rmsnorm"
     assert parts["kernels"]["attention"] == "TRITON_ATTN"
     assert parts["kernels"]["invariant_kernels"]["arch"].startswith("sm")
+    assert parts["kernels"]["inductor"]["deterministic"] is True and "max_num_seqs" in parts["kernels"]["compiled_for"]
     assert served["stock"]["fingerprint"]["fingerprint"] != inv["fingerprint"]["fingerprint"]
 
 
@@ -71,6 +79,15 @@ def test_crowds_do_not_change_the_bits(served, i, n):
     assert len(alone["token_ids"]) == TOKENS
     assert got["token_ids"] == alone["token_ids"], f"crowd {n}: token ids differ"
     assert got["logprobs"] == alone["logprobs"], f"crowd {n}: logprobs differ"
+
+
+@pytest.mark.parametrize("i", range(len(PARAMS)), ids=["greedy", "seeded"])
+def test_a_fresh_start_gives_the_same_bits_under_the_same_fingerprint(served, i):
+    """What makes a shared cache sound across replicas: a worker that compiled anew (empty caches)
+    serves the same fingerprint and the same bits."""
+    again, first = served["again"], served["invariant"]
+    assert again["fingerprint"]["fingerprint"] == first["fingerprint"]["fingerprint"]
+    assert again["crowds"][(i, 1)] == first["crowds"][(i, 1)]
 
 
 def test_control_no_invariance_varies_in_the_same_crowds(served):
