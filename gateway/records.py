@@ -286,8 +286,11 @@ class Progress:
                 self.lp_tokens = [c.get("token", "") for c in self.lp_content]
             ids = choice.get("token_ids") or []
             piece = self.texts[-1]
+            split = self._split(piece, len(ids)) if len(ids) > 1 and self.per_token else None
             if len(ids) == 1:
                 self.deltas.append(piece)
+            elif split is not None:
+                self.deltas.extend(split)
             elif ids or piece:
                 self.per_token = False
             self.token_ids.extend(ids)
@@ -295,13 +298,21 @@ class Progress:
                 self.finish_reason = choice["finish_reason"]
                 self.stop_reason = choice.get("stop_reason")
 
+    def _split(self, piece: str, k: int) -> list[str] | None:
+        """A chunk's text cut per token, when the worker merged k tokens into one chunk (vLLM does
+        when its reader falls behind) and their token strings spell that text exactly."""
+        start = len(self.token_ids)
+        strings = self.lp_tokens[start:start + k]
+        return list(strings) if len(strings) == k and "".join(strings) == piece else None
+
     @property
     def text(self) -> str:
         return "".join(self.texts)
 
     def live_tokens(self) -> int:
         """How many leading tokens can be sent now exactly as the canonical stream of the stored
-        entry will send them: all of them, one chunk each, while the worker sends one per chunk."""
+        entry will send them: all of them, one chunk each, while the worker sends one per chunk
+        (or several whose token strings spell their text)."""
         return len(self.deltas) if self.per_token else 0
 
     def spelled(self, k: int) -> bool:

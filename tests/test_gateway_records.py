@@ -108,13 +108,14 @@ def test_live_tokens_render_the_canonical_stream_bytes():
     assert prefix.token_ids == [653, 106] and prefix.finish_reason == "length" and prefix.pieces == ["So", ""]
 
 
-# A generation whose token strings do not spell its text (a split UTF-8 character), streamed one
-# token per chunk for three tokens, then two in one chunk (vLLM merges when its reader falls behind).
+# A generation whose token strings do not spell its text (split UTF-8 characters), streamed one
+# token per chunk for three tokens, then two in one chunk (vLLM merges when its reader falls behind)
+# that cannot be cut per token either.
 SPLIT = [
     {"created": 7, "choices": [{"index": 0, "text": "So", "token_ids": [653], "logprobs": {"tokens": ["So"], "token_logprobs": [-4.25]}}]},
     {"created": 7, "choices": [{"index": 0, "text": "", "token_ids": [106], "logprobs": {"tokens": ["\ufffd"], "token_logprobs": [-3.5]}}]},
     {"created": 7, "choices": [{"index": 0, "text": "\u00e9", "token_ids": [107], "logprobs": {"tokens": ["\ufffd"], "token_logprobs": [-3.75]}}]},
-    {"created": 7, "choices": [{"index": 0, "text": " ok", "token_ids": [9, 10], "logprobs": {"tokens": [" o", "k"], "token_logprobs": [-1.5, -2.5]}, "finish_reason": "length"}]},
+    {"created": 7, "choices": [{"index": 0, "text": " \u00e9", "token_ids": [9, 10], "logprobs": {"tokens": [" \ufffd", "\ufffd"], "token_logprobs": [-1.5, -2.5]}, "finish_reason": "length"}]},
     {"created": 7, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}, "system_fingerprint": "inv-x"},
 ]
 
@@ -159,7 +160,7 @@ def _follow(max_tokens: int, own=None) -> list[bytes]:
 
 def test_a_follower_gets_each_token_once_when_the_entry_is_stored_whole():
     text, ids, lps, errors = _client_view(_follow(5))
-    assert not errors and text == "So\u00e9 ok" and ids == [653, 106, 107, 9, 10]
+    assert not errors and text == "So\u00e9 \u00e9" and ids == [653, 106, 107, 9, 10]
     assert lps == [-4.25, -3.5, -3.75, -1.5, -2.5]  # the three sent live are not repeated at the end
 
 
@@ -177,9 +178,32 @@ def test_a_shorter_follower_of_an_uncuttable_entry_finishes_from_its_own_generat
     assert (text, ids, lps) == ("So\u00e9", [653, 106, 107], [-4.25, -3.5, -3.75])
     # Without one, the stream ends in an error rather than in the longer entry's text.
     text, ids, lps, errors = _client_view(_follow(3))
-    assert errors and "cannot be cut" in errors[0]["message"] and " ok" not in text
+    assert errors and "cannot be cut" in errors[0]["message"] and text == "So\u00e9"
 
     async def other():  # a generation that disagrees with what was sent is not spliced in
         return record_from_choice("completions", {**fresh, "token_ids": [653, 106, 108]}, 5, "inv-x", 7)
 
     assert "disagreed" in _client_view(_follow(3, other))[3][0]["message"]
+
+
+def test_tokens_merged_into_one_chunk_are_cut_by_their_strings():
+    """vLLM merges tokens into one chunk when its reader falls behind (a loaded gateway): where the
+    token strings spell the chunk's text, the live stream stays one chunk per token, the bytes a
+    replay of the entry gives, and the entry stays cuttable."""
+    from invariant.gateway.records import Progress, render_live_token, render_stream_rest
+
+    merged = [STREAM[0], {**STREAM[1], "choices": [{**STREAM[1]["choices"][0], "token_ids": [106, 107],
+                                                    "logprobs": {"text_offset": [2, 2], "token_logprobs": [-3.81, -3.91],
+                                                                 "tokens": ["", ""], "top_logprobs": [{"": -3.81}, {"": -3.91}]},
+                                                    "finish_reason": "length"}]}, STREAM[3]]
+    whole, cut = Progress("completions"), Progress("completions")
+    for chunk in STREAM:
+        whole.feed(chunk)
+    for chunk in merged:
+        cut.feed(chunk)
+    assert cut.live_tokens() == 3 and cut.record() == whole.record()
+    kw = dict(request_id="r", model="m", created=1, want_logprobs=True, want_token_ids=True)
+    live = [render_live_token("completions", cut, i, fingerprint="inv-x", **kw) for i in range(3)]
+    live += list(render_stream_rest("completions", cut.record(), 3, include_usage=True, **kw))
+    assert live == list(render_stream("completions", [whole.record()], include_usage=True, **kw))
+    assert covers(cut.record(), 2)
