@@ -144,6 +144,7 @@ def main() -> None:
         for n in sizes:
             llm.reset_prefix_cache()
             results[f"batch_{n}"] = run([prompt] + fillers[: n - 1], greedy)
+        llm.reset_prefix_cache()  # cached blocks would shrink both prefills and the split with them
         results["split_prefill"] = run(budget_head(llm, fillers, budget - SPLIT_AT) + [prompt], greedy, at=-1)
         results["prefix_warm"] = run([prompt], greedy)
         llm.reset_prefix_cache()
