@@ -70,8 +70,9 @@ GPU_GEMMS = ("vllm", "invariant")
 # Engine sizes that vLLM's compiled CUDA path is built for (inductor's size hints and the CUDA-graph
 # capture sizes derive from them). On the H100, engines that differed only in the step budget (2048
 # vs 48 tokens) gave a prompt's first logprob apart in the 7th digit (docs/gpu-vllm.md), while
-# crowds of 2-512 in one engine gave equal bits: until a run says which op it is, these sizes are
-# part of a CUDA worker's numerics.
+# crowds of 2-512 in one engine gave equal bits. Inductor picks its reduction kernels' shape from
+# the budget's hint unless torch has its batch_invariant setting (worker.server.inductor_patches):
+# these sizes are part of a CUDA worker's numerics.
 COMPILE_SHAPE_ARGS = ("--max-num-batched-tokens", "--max-num-seqs")
 
 

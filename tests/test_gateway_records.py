@@ -139,7 +139,6 @@ def _follow(max_tokens: int, own=None) -> list[bytes]:
     import asyncio
 
     from invariant.gateway.live import Live, render
-    from invariant.gateway.records import Progress
 
     async def go() -> list[bytes]:
         live = Live("completions", "inv-x", max_tokens=5)
@@ -148,12 +147,9 @@ def _follow(max_tokens: int, own=None) -> list[bytes]:
         for chunk in SPLIT[:3]:
             live.feed(chunk)
         out = [await anext(stream) for _ in range(3)]  # the three single-token chunks, sent live
-        progress = Progress("completions")
-        for chunk in SPLIT:
-            progress.feed(chunk)
         for chunk in SPLIT[3:]:
             live.feed(chunk)
-        live.finish(progress.record())
+        live.finish(live.progress.record())
         return out + [b async for b in stream]
     return asyncio.run(go())
 

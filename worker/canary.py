@@ -28,8 +28,8 @@ GPU_CROWD = 300
 GPU_MAX_TOKENS = 48
 # On a GPU the prompt under test is also long (about 400 more words): alone its prefill fits one
 # engine step, behind the crowd it lands where the step's token budget is partly spent and is split.
-# FlashAttention 3 gave a chunked prefill other bits on an H100 (docs/gpu-vllm.md); a short prompt
-# rarely straddles a step, a long one nearly always does.
+# A prompt prefilled in chunks got other bits than in one step on an H100 (engines of another budget,
+# docs/gpu-vllm.md); a short prompt rarely straddles a step, a long one nearly always does.
 GPU_PROBE_WORDS = 400
 
 

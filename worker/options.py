@@ -89,8 +89,6 @@ def check_architecture(model_config: dict) -> str:
     )
 
 
-
-
 def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> tuple[dict, str]:
     """Check everything checkable without the engine; return the model config and resolved dtype."""
     model_config = read_model_config(options.model)
