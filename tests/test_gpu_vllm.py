@@ -80,6 +80,9 @@ def test_control_stock_vllm_varies_on_the_gpu(gpu_model, tmp_path):
     assert varied(res, "alone", "batch"), "stock vLLM showed no batch variance: the control proves nothing"
     assert varied(res, "seeded_alone", "seeded"), "stock vLLM showed no seeded batch variance"
     assert first_diff(res["split_prefill"], res["alone"]) is not None, "stock vLLM showed no variance behind a full step"
+    small = engine(gpu_model, "stock", SMALL_BUDGET, tmp_path / "stock_chunked.json")
+    assert first_diff(small["crowd_chunked"], small["alone_chunked"]) is not None, \
+        "stock vLLM at a 48-token budget showed no variance amid the crowd: the chunked test proves nothing"
 
 
 @pytest.fixture(scope="session")
