@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from invariant.kernels.cpu import gemm, rowops
+from invariant.kernels.cpu import gemm, native, rowops
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
@@ -42,16 +42,27 @@ def _alone_equals_batched(op, x: torch.Tensor, at: int) -> None:
     assert torch.equal(op(crowd)[x.shape[0] - 1 - at], alone[0])
 
 
+def runnable(path: str):
+    """A GEMM path as a test parameter, skipped with the reason on a CPU that cannot run it."""
+    missing = native.GEMM_PATHS[path] - native.cpu_flags()
+    reason = f"the {path} GEMM path needs {', '.join(sorted(missing))}, which this CPU lacks"
+    return pytest.param(path, marks=pytest.mark.skipif(bool(missing), reason=reason), id=path)
+
+
+GEMM_PATHS = [runnable(p) for p in native.GEMM_PATHS]
+
+
+@pytest.mark.parametrize("path", GEMM_PATHS)
 @SETTINGS
 @given(batches(), st.integers(1, 300), st.booleans())
-def test_linear_is_batch_invariant_and_accurate(case, n, with_bias):
+def test_linear_is_batch_invariant_and_accurate(path, case, n, with_bias):
     x, at, dtype = case
     g = torch.Generator().manual_seed(n)
     w = (torch.randn(n, x.shape[1], generator=g) / x.shape[1] ** 0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if with_bias else None
-    _alone_equals_batched(lambda t: gemm.linear(t, w, b), x, at)
+    _alone_equals_batched(lambda t: gemm.linear(t, w, b, path=path), x, at)
     ref = x.double() @ w.double().t() + (b.double() if b is not None else 0)
-    got = gemm.linear(x, w, b).double()
+    got = gemm.linear(x, w, b, path=path).double()
     # fp32 accumulation of K products, then one rounding to the dtype
     eps = {torch.float32: 2**-23, torch.bfloat16: 2**-8}[dtype]
     bound = eps * ref.abs() + 2**-23 * x.shape[1] * (x.double().abs() @ w.double().abs().t()) + 1e-30

@@ -108,15 +108,15 @@ def test_invariance_mode_is_in_the_fingerprint(tiny_model):
 def test_kernel_build_identity_follows_the_source(tmp_path, monkeypatch):
     for name in native.SOURCES:
         shutil.copy(native.HERE / name, tmp_path / name)
-    native.build_identity.cache_clear()
+    native.compiled_identity.cache_clear()
     monkeypatch.setattr(native, "HERE", tmp_path)
     try:
         same = native.build_identity()["source_sha256"]
         (tmp_path / "gemm.c").write_text((tmp_path / "gemm.c").read_text() + "\n/* changed */\n")
-        native.build_identity.cache_clear()
+        native.compiled_identity.cache_clear()
         assert native.build_identity()["source_sha256"] != same
     finally:
-        native.build_identity.cache_clear()
+        native.compiled_identity.cache_clear()
 
 
 def test_rewindable_generator_undoes_exactly_one_draw():

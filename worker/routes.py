@@ -24,6 +24,8 @@ class WorkerState:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # The start-up canary's verdict (invariant mode): alone vs in a crowd, bitwise.
     canary: dict[str, Any] = field(default_factory=lambda: {"ok": None, "message": "canary has not run yet"})
+    # What each vLLM model process reported it runs (invariant.worker.probe), once the engine is up.
+    kernel_reports: list[dict[str, Any]] = field(default_factory=list)
     ready: bool = False
     reasons: list[str] = field(default_factory=lambda: ["starting: warm-up generation has not finished"])
 
@@ -34,6 +36,10 @@ class WorkerState:
     def mark_failed(self, reason: str) -> None:
         self.ready, self.reasons = False, [reason]
 
+    @property
+    def failure(self) -> str:
+        return "; ".join(self.reasons)
+
 
 def invariant_router(state: WorkerState) -> APIRouter:
     router = APIRouter(prefix="/invariant", tags=["invariant"])
@@ -41,7 +47,8 @@ def invariant_router(state: WorkerState) -> APIRouter:
     @router.get("/fingerprint")
     async def fingerprint() -> dict[str, Any]:
         return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts,
-                "sampling_defaults": state.sampling_defaults, "canary": state.canary}
+                "sampling_defaults": state.sampling_defaults, "canary": state.canary,
+                "kernel_reports": state.kernel_reports}
 
     @router.get("/ready")
     async def ready() -> JSONResponse:

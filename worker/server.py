@@ -54,8 +54,15 @@ def inductor_patches() -> dict[str, bool]:
     return patches
 
 
+def model_head_dim(model_dir: str) -> int:
+    """The attention head size from the checkpoint's config.json (vLLM's CPU attention ISA depends on it)."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
 def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm",
-                  engine_args: tuple[str, ...] = ()) -> dict[str, Any]:
+                  engine_args: tuple[str, ...] = (), attention_isa: str | None = None) -> dict[str, Any]:
     """What selects the kernels, and with them the bits: backend, compile mode, threads, and on
     CUDA the sizes the engine is compiled for (``engine_args.compile_shape``).
     ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
@@ -83,6 +90,9 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         "batch_invariant": "invariant-cpu" if invariance else "off",
         "attn_split_kv": not invariance and os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "1") != "0",
     }
+    if attention_isa is not None:
+        # vLLM's CPU attention kernel comes in ISA variants (amx, vec, vec16, ...) of other arithmetic.
+        config["attention_isa"] = attention_isa
     if invariance:
         from invariant.kernels.cpu import native
 
@@ -173,13 +183,18 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     invariance = bool(options.invariance)
     if invariance:
         check_cuda_invariance_ready() if cuda else check_cpu_invariance_ready()
+    isa = None
+    if not cuda:
+        from invariant.worker import plugin
+
+        isa = plugin.attention_isa(dtype, model_head_dim(options.model), invariance=invariance)
     parts = collect_parts(
         model_dir=options.model,
         dtype=dtype,
         tensor_parallel_size=options.tensor_parallel_size,
         invariance=invariance,
         kernel_config=kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm,
-                                    engine_args=options.extra_vllm_args),
+                                    engine_args=options.extra_vllm_args, attention_isa=isa),
     )
     fingerprint = compute_fingerprint(parts)
     state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name,
@@ -197,6 +212,10 @@ async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> Non
         params = SamplingParams(temperature=0.0, max_tokens=1)
         async for _ in engine_client.generate({"prompt": "ready"}, params, f"invariant-warmup-{uuid.uuid4().hex}"):
             pass
+        if state.parts["kernels"]["backend"] == "cpu":
+            # What the model processes really run must be what the fingerprint names.
+            if not await kernels_as_fingerprinted(engine_client, state):
+                return
         if invariance:
             on_gpu = state.parts["kernels"]["backend"] == "cuda"
             verdict, alone, crowd = await canary.run(engine_client, **canary.sizes(on_gpu))
@@ -214,6 +233,26 @@ async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> Non
         return
     state.mark_ready()
     log.info("invariant worker ready: fingerprint %s", state.fingerprint)
+
+
+async def kernels_as_fingerprinted(engine_client, state: WorkerState) -> bool:
+    """Ask every model process which kernels it runs (invariant.worker.probe); on a disagreement with
+    the fingerprint, mark the worker failed with the reason and return False."""
+    from invariant.worker import probe
+
+    try:
+        reports = await probe.ask(engine_client)
+    except Exception as exc:  # noqa: BLE001 - vLLM says "not implemented" where the plugin is missing
+        problems = [f"the kernel probe failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                    "invariant's vLLM plugin is not loaded in the model process (VLLM_PLUGINS?)"]
+    else:
+        state.kernel_reports = reports
+        problems = probe.disagreements(state.parts["kernels"], reports)
+    if problems:
+        state.mark_failed("kernels differ from the fingerprint: " + "; ".join(problems))
+        log.error("worker not ready: %s", state.failure)
+        return False
+    return True
 
 
 def _server_api():

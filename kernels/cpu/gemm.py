@@ -7,6 +7,8 @@ fp16 is widened exactly to fp32 and rounded back once, like the library kernels 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from invariant.kernels.cpu import native
@@ -15,8 +17,21 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 NATIVE_DTYPES = tuple(_DTYPE_CODE)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.nn.functional.linear`` with a fixed reduction order per output element."""
+@lru_cache(maxsize=None)
+def _kernel(path: str | None):
+    """The C entry point of a GEMM path (None: this process's, ``native.gemm_path``); looked up once."""
+    chosen = native.choose_gemm_path(native.cpu_flags(), path) if path else native.gemm_path()
+    lib = native.library()
+    return {"avx2": lib.invariant_gemm, "avx512": lib.invariant_gemm_avx512}[chosen]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           path: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear`` with a fixed reduction order per output element.
+
+    ``path`` (``avx2``, ``avx512``) picks the instruction path; by default this process's
+    (``native.gemm_path``). Each path has its own bits."""
+    kernel = _kernel(path)
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError("invariant.kernels.cpu.linear runs on CPU tensors only")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
@@ -36,7 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     if M and N:
-        rc = native.library().invariant_gemm(
+        rc = kernel(
             _DTYPE_CODE[compute], x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
             y.data_ptr(), N, M, N, K, torch.get_num_threads())
         if rc != 0:

@@ -20,7 +20,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("gemm.c", "rowops.c")
+SOURCES = ("gemm.c", "gemm_avx512.c", "rowops.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared")
 HERE = Path(__file__).resolve().parent
 
@@ -45,14 +45,15 @@ def compiler_version() -> str:
     return (out.stdout.splitlines() or ["unknown"])[0].strip()
 
 
-def cpu_flags() -> set[str]:
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def check_isa() -> None:
@@ -61,13 +62,51 @@ def check_isa() -> None:
         raise KernelBuildError(f"invariant CPU kernels need x86-64 with AVX2 and FMA; this CPU lacks {', '.join(sorted(missing))}")
 
 
+# The GEMM's instruction path decides its arithmetic (lane count, bf16 pair products), so each path
+# gives other bits: the path is part of build_identity and so of the fingerprint. The CPU flags each
+# one needs, in order of preference.
+GEMM_PATHS: dict[str, frozenset[str]] = {
+    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}),
+    "avx2": frozenset({"avx2", "fma"}),
+}
+GEMM_PATH_ENV = "INVARIANT_CPU_GEMM"
+
+
+def choose_gemm_path(flags: frozenset[str] | set[str], wanted: str | None = None) -> str:
+    """The fastest path this CPU runs, or ``wanted`` (``INVARIANT_CPU_GEMM``) if it runs that one.
+
+    A pure function of the flags, so every process of a worker (they inherit the environment)
+    picks the same path, and so does the fingerprint that names it."""
+    if wanted:
+        if wanted not in GEMM_PATHS:
+            raise KernelBuildError(f"{GEMM_PATH_ENV}={wanted!r}: expected one of {', '.join(GEMM_PATHS)}")
+        missing = GEMM_PATHS[wanted] - flags
+        if missing:
+            raise KernelBuildError(f"{GEMM_PATH_ENV}={wanted}: this CPU lacks {', '.join(sorted(missing))}")
+        return wanted
+    for path, needs in GEMM_PATHS.items():
+        if needs <= flags:
+            return path
+    raise KernelBuildError("invariant CPU kernels need x86-64 with AVX2 and FMA")
+
+
+def gemm_path() -> str:
+    """The GEMM path of this process (see choose_gemm_path)."""
+    return choose_gemm_path(cpu_flags(), os.environ.get(GEMM_PATH_ENV) or None)
+
+
 @lru_cache(maxsize=1)
-def build_identity() -> dict[str, str]:
+def compiled_identity() -> dict[str, str]:
     """What decides the compiled code: source digest, compiler version, flags."""
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     return {"source_sha256": digest.hexdigest()[:16], "compiler": compiler_version(), "flags": " ".join(FLAGS)}
+
+
+def build_identity() -> dict[str, str]:
+    """What decides our kernels' bits: the compiled code, and the GEMM path this process runs."""
+    return {**compiled_identity(), "gemm_path": gemm_path()}
 
 
 def cache_dir() -> Path:
@@ -80,7 +119,7 @@ def cache_dir() -> Path:
 def library() -> ctypes.CDLL:
     """The loaded kernels, compiled on first use into the cache (atomic rename: safe across processes)."""
     check_isa()
-    ident = build_identity()
+    ident = compiled_identity()
     key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
     target = cache_dir() / f"invariant_cpu_{key}.so"
     if not target.exists():
@@ -101,6 +140,8 @@ def library() -> ctypes.CDLL:
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
     ]
+    lib.invariant_gemm_avx512.restype = ctypes.c_int
+    lib.invariant_gemm_avx512.argtypes = lib.invariant_gemm.argtypes
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.invariant_rms_norm.restype = ctypes.c_int
     lib.invariant_rms_norm.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
