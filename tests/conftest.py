@@ -84,6 +84,21 @@ def wait_ready(worker: RunningWorker, timeout: float = WORKER_START_TIMEOUT) -> 
     raise RuntimeError(f"worker not ready in {timeout}s:\n{worker.log.read_text()[-4000:]}")
 
 
+def wait_verdict(worker: RunningWorker, timeout: float = WORKER_START_TIMEOUT) -> dict:
+    """/invariant/ready's body once the worker has decided: ready, or failed with its reasons."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.proc.poll() is None, f"worker exited:\n{worker.log.read_text()[-3000:]}"
+        try:
+            body = httpx.get(f"{worker.url}/invariant/ready", timeout=2).json()
+            if body["ready"] or not body["reasons"][0].startswith("starting"):
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"worker undecided after {timeout}s:\n{worker.log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The default tiny Qwen3 model (bf16, seed 0)."""

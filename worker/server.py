@@ -115,6 +115,7 @@ def check_cpu_invariance_ready() -> None:
     try:
         plugin.check_version(plugin.installed_vllm_version())
         native.library()
+        native.gemm_path()
     except (plugin.PluginVersionError, native.KernelBuildError) as exc:
         raise WorkerConfigError(str(exc)) from exc
 

@@ -79,7 +79,7 @@ def choose_gemm_path(flags: frozenset[str] | set[str], wanted: str | None = None
     picks the same path, and so does the fingerprint that names it."""
     if wanted:
         if wanted not in GEMM_PATHS:
-            raise KernelBuildError(f"{GEMM_PATH_ENV}={wanted!r}: expected one of {', '.join(GEMM_PATHS)}")
+            raise KernelBuildError(f"{GEMM_PATH_ENV}={wanted}: expected one of {', '.join(GEMM_PATHS)}")
         missing = GEMM_PATHS[wanted] - flags
         if missing:
             raise KernelBuildError(f"{GEMM_PATH_ENV}={wanted}: this CPU lacks {', '.join(sorted(missing))}")
