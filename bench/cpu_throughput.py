@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2, help="stock/invariant passes, alternating")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--name", default="cpu_throughput",
+                    help="results file stem under docs/results (one per CPU family keeps each measured)")
     args = ap.parse_args()
     from invariant.modelmaker import ModelSpec, make_model
 
@@ -139,8 +141,15 @@ def main() -> None:
 
     meta = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine.describe(), "max_tokens": args.max_tokens, "reps": args.reps}
+    try:
+        from invariant.kernels.cpu import native
+
+        meta["invariant_gemm_path"] = native.gemm_path()
+        meta["machine"] += f"; invariant GEMM path {meta['invariant_gemm_path']}"
+    except Exception:  # noqa: BLE001 - a report without the path beats no report
+        pass
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     head = "| model | concurrency | stock tok/s | invariant tok/s | invariant / stock | stock TTFT ms | invariant TTFT ms |"
     lines = ["# Invariant CPU worker vs stock vLLM CPU: output tokens/s", "",
              f"{meta['when']}; {meta['machine']}; {args.max_tokens} output tokens per request, 4 x concurrency "
@@ -151,7 +160,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['concurrency']} | {r['stock_tok_s']:.1f} | {r['invariant_tok_s']:.1f} | "
                      f"{r['ratio']:.2f}x | {r['stock_ttft_ms']:.0f} | {r['invariant_ttft_ms']:.0f} |")
-    (RESULTS / "cpu_throughput.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     import matplotlib
 
@@ -171,7 +180,7 @@ def main() -> None:
     ax.legend(fontsize=8)
     ax.set_title(meta["machine"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / "cpu_throughput.png", dpi=110)
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,50 +69,115 @@ def summarize(outputs: list[Output]) -> dict[str, Any]:
     }
 
 
-async def _one(client: httpx.AsyncClient, name: str, prompt: str, max_tokens: int) -> Output:
-    res = await client.post("/v1/completions", json={
-        "model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
-        "return_token_ids": True, "ignore_eos": True})
-    if res.status_code != 200:
-        raise BenchError(f"worker answered {res.status_code}: {res.text[:200]}")
-    choice = res.json()["choices"][0]
-    return Output(tuple(choice["token_ids"]), tuple(choice["logprobs"]["token_logprobs"]), choice["text"])
+# A run of 10,000 completions meets what short ones do not: a keep-alive connection the server closed
+# just as the client reused it (uvicorn closes idle ones after 5 s, httpx kept them 5 s too), a reset
+# under load. The requests are idempotent (same request, same answer: the claim under test), so a
+# transport error is retried and counted; an answer that did come back is compared like any other.
+RETRY_ATTEMPTS = 6
+KEEPALIVE_EXPIRY_S = 2.0  # below the server's 5 s, so the client drops idle connections first
+
+
+@dataclass
+class Run:
+    """One mode's run as it goes: what came back, what was retried, where it is written."""
+    label: str
+    alive: Any = None  # callable -> None while the worker lives, else why it is gone
+    sink: Any = None  # a text file: one JSON line per completion, flushed as it arrives
+    outputs: list[Output] = field(default_factory=list)
+    retries: int = 0
+    background_sent: int = 0
+    background_failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    def record(self, out: Output) -> None:
+        self.outputs.append(out)
+        if self.sink is not None:
+            self.sink.write(json.dumps({"token_ids": out.token_ids, "logprobs": out.logprobs, "text": out.text}) + "\n")
+            self.sink.flush()
+
+    def stats(self) -> dict[str, Any]:
+        seconds = (self.ended or time.monotonic()) - self.started
+        tokens = sum(len(o.token_ids) for o in self.outputs)
+        return {"completions": len(self.outputs), "retries": self.retries, "duration_s": round(seconds, 1),
+                "completions_per_s": round(len(self.outputs) / seconds, 2) if seconds > 0 else None,
+                "output_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+                "background_sent": self.background_sent, "background_failed": self.background_failed}
+
+
+async def _one(client: httpx.AsyncClient, name: str, prompt: str, max_tokens: int, run: Run) -> Output:
+    body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
+            "return_token_ids": True, "ignore_eos": True}
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            res = await client.post("/v1/completions", json=body)
+        except httpx.TransportError as exc:
+            gone = run.alive() if run.alive is not None else None
+            if gone:
+                raise BenchError(f"{run.label}: the worker died ({gone}) after {len(run.outputs)} completions") from exc
+            if attempt == RETRY_ATTEMPTS - 1:
+                raise BenchError(f"{run.label}: {type(exc).__name__} on {RETRY_ATTEMPTS} attempts in a row "
+                                 f"after {len(run.outputs)} completions: {exc}") from exc
+            run.retries += 1
+            await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+            continue
+        if res.status_code != 200:
+            raise BenchError(f"{run.label}: worker answered {res.status_code}: {res.text[:200]}")
+        choice = res.json()["choices"][0]
+        return Output(tuple(choice["token_ids"]), tuple(choice["logprobs"]["token_logprobs"]), choice["text"])
+    raise AssertionError("unreachable")
 
 
 async def _background(client: httpx.AsyncClient, name: str, stop: asyncio.Event, rng: random.Random,
-                      width: int) -> int:
-    sent = 0
+                      width: int, run: Run) -> None:
+    """Other requests in flight, to keep the batches changing. Their failures are counted, never fatal:
+    a dead worker shows in the measured requests."""
 
     async def one() -> None:
-        nonlocal sent
         words = " ".join(rng.choice(BACKGROUND_WORDS) for _ in range(rng.randint(1, 120)))
-        await _one(client, name, words, rng.randint(1, 48))
-        sent += 1
+        try:
+            await _one(client, name, words, rng.randint(1, 48), run)
+            run.background_sent += 1
+        except BenchError:
+            run.background_failed += 1
+            await asyncio.sleep(0.2)
 
     while not stop.is_set():
         await asyncio.gather(*(one() for _ in range(rng.randint(1, width))))
-    return sent
 
 
 async def experiment(url: str, name: str, n: int, max_tokens: int, max_concurrency: int, background: int,
-                     seed: int, label: str) -> tuple[list[Output], int]:
+                     seed: int, run: Run) -> Run:
+    """Fill ``run`` with n completions in random waves; raises BenchError (``run`` keeps what came back)."""
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=max_concurrency + background + 8)
+    limits = httpx.Limits(max_connections=max_concurrency + background + 8, keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         stop = asyncio.Event()
-        bg = asyncio.create_task(_background(client, name, stop, random.Random(seed + 1), background)) if background else None
-        outputs: list[Output] = []
-        started = time.monotonic()
-        while len(outputs) < n:
-            wave = min(rng.randint(1, max_concurrency), n - len(outputs))
-            await asyncio.sleep(rng.uniform(0, 0.02))
-            outputs += await asyncio.gather(*(_one(client, name, PROMPT, max_tokens) for _ in range(wave)))
-            print(f"\r  {label}: {len(outputs)}/{n} completions ({time.monotonic() - started:.0f} s)",
-                  end="", flush=True)
-        print(flush=True)
-        stop.set()
-        sent = await bg if bg else 0
-    return outputs, sent
+        bg = asyncio.create_task(_background(client, name, stop, random.Random(seed + 1), background, run)) \
+            if background else None
+        try:
+            while len(run.outputs) < n:
+                wave = min(rng.randint(1, max_concurrency), n - len(run.outputs))
+                await asyncio.sleep(rng.uniform(0, 0.02))
+
+                async def measured() -> None:
+                    run.record(await _one(client, name, PROMPT, max_tokens, run))
+
+                async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the wave
+                    for _ in range(wave):
+                        group.create_task(measured())
+                print(f"\r  {run.label}: {len(run.outputs)}/{n} completions, {run.retries} retries "
+                      f"({time.monotonic() - run.started:.0f} s)", end="", flush=True)
+        except* BenchError as group_error:
+            raise group_error.exceptions[0] from None
+        finally:
+            print(flush=True)
+            run.ended = time.monotonic()
+            stop.set()
+            if bg:
+                bg.cancel()
+                await asyncio.gather(bg, return_exceptions=True)
+    return run
 
 
 def write_report(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
@@ -126,9 +191,18 @@ def write_report(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
              "| mode | completions | unique texts | unique token sequences | unique outputs (ids + logprobs) "
              "| most common | first divergence | background requests |", "|---|---|---|---|---|---|---|---|"]
     for mode, r in results["modes"].items():
-        s = r["summary"]
-        lines.append(f"| {mode} | {s['completions']} | {s['unique_texts']} | {s['unique_token_sequences']} | "
-                     f"{s['unique_outputs']} | {s['most_common_count']} | {s['first_divergence']} | {r['background_sent']} |")
+        s, st = r["summary"] or {}, r["stats"]
+        lines.append(f"| {mode} | {st['completions']} | {s.get('unique_texts', '-')} | {s.get('unique_token_sequences', '-')} | "
+                     f"{s.get('unique_outputs', '-')} | {s.get('most_common_count', '-')} | {s.get('first_divergence')} | "
+                     f"{r['background_sent']} |")
+    lines += ["", "| mode | status | retries | duration s | completions/s | output tokens/s | background failed |",
+              "|---|---|---|---|---|---|---|"]
+    for mode, r in results["modes"].items():
+        st = r["stats"]
+        lines.append(f"| {mode} | {r['status']} | {st['retries']} | {st['duration_s']} | {st['completions_per_s']} | "
+                     f"{st['output_tokens_per_s']} | {st['background_failed']} |")
+    if results.get("status", "complete") != "complete":
+        lines += ["", f"**Run {results['status']}** - the rows above are what was measured up to then."]
     paths[1].write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -137,19 +211,22 @@ def write_report(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     modes = list(results["modes"])
-    axes[0].bar(modes, [results["modes"][m]["summary"]["unique_outputs"] for m in modes], color=["#2a7", "#c44"][:len(modes)])
+    axes[0].bar(modes, [(results["modes"][m]["summary"] or {}).get("unique_outputs", 0) for m in modes],
+                color=["#2a7", "#c44"][:len(modes)])
     axes[0].set_title("unique outputs (token ids + logprobs)")
+    positions = {m: (results["modes"][m]["summary"] or {}).get("divergence_positions", []) for m in modes}
     for m in modes:
-        pos = results["modes"][m]["summary"]["divergence_positions"]
+        pos = positions[m]
         if pos:
             axes[1].hist(pos, bins=range(0, results["max_tokens"] + 2), alpha=0.6, label=m)
     axes[1].set_title("first divergence from the most common output")
     axes[1].set_xlabel("token position")
-    if any(results["modes"][m]["summary"]["divergence_positions"] for m in modes):
+    if any(positions.values()):
         axes[1].legend()
     else:
         axes[1].text(0.5, 0.5, "no divergence", ha="center", va="center", transform=axes[1].transAxes)
-    fig.suptitle(f"{results['n']} completions per mode, {results['machine']}", fontsize=9)
+    status = "" if results.get("status", "complete") == "complete" else " (INTERRUPTED: partial)"
+    fig.suptitle(f"{results['n']} completions per mode{status}, {results['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(paths[2], dpi=110)
     plt.close(fig)
@@ -176,34 +253,69 @@ def run(args: argparse.Namespace) -> None:
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine.describe(), "modes": {},
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failure: BaseException | None = None
     for mode in modes:
         try:
             check_port_free("127.0.0.1", args.port)
         except PortError as exc:
-            raise BenchError(str(exc)) from exc
+            failure = BenchError(str(exc))
+            break
         url = f"http://127.0.0.1:{args.port}"
         log = logs / f"worker-{mode}.log"
         print(f"starting the {'invariant' if mode == 'on' else '--no-invariance'} worker (log: {log}) ...", flush=True)
         proc = start_worker(model, args.port, log, *([] if mode == "on" else ["--no-invariance"]))
+        run_ = Run(label=f"invariance {mode}", alive=lambda proc=proc: _gone(proc, log))
+        ready: dict[str, Any] = {}
         try:
-            try:
-                ready = wait_ready(proc, url, log)
-            except WorkerStartError as exc:
-                raise BenchError(str(exc)) from exc
-            outputs, sent = asyncio.run(experiment(url, "bench", args.n, args.max_tokens, args.max_concurrency,
-                                                   args.background, args.seed, f"invariance {mode}"))
+            ready = wait_ready(proc, url, log)
+            run_ = Run(label=run_.label, alive=run_.alive)  # timed from the worker's readiness
+            with (out / f"{args.stem}.{mode}.jsonl").open("w") as sink:
+                run_.sink = sink
+                asyncio.run(experiment(url, "bench", args.n, args.max_tokens, args.max_concurrency,
+                                       args.background, args.seed, run_))
+        except WorkerStartError as exc:
+            failure = BenchError(str(exc))
+        except (BenchError, KeyboardInterrupt) as exc:
+            failure = exc
         finally:
             stop_all([proc])
-        summary = summarize(outputs)
-        results["modes"][mode] = {"fingerprint": ready["fingerprint"], "summary": summary, "background_sent": sent,
-                                  "most_common_text": Counter(o.text for o in outputs).most_common(1)[0][0]}
-    print(f"\n{'mode':<6}{'completions':>12}{'unique':>8}{'most common':>13}{'first divergence':>18}")
+        results["modes"][mode] = mode_result(run_, ready.get("fingerprint"), failure)
+        if failure is not None:
+            break
+    results["status"] = "complete" if failure is None else f"interrupted: {_reason(failure)}"
+    print(f"\n{'mode':<6}{'completions':>12}{'unique':>8}{'most common':>13}{'first divergence':>18}{'retries':>9}")
     for mode, r in results["modes"].items():
-        s = r["summary"]
-        print(f"{mode:<6}{s['completions']:>12}{s['unique_outputs']:>8}{s['most_common_count']:>13}"
-              f"{str(s['first_divergence']):>18}")
-    for p in write_report(results, Path(args.out), args.stem):
+        s = r["summary"] or {}
+        print(f"{mode:<6}{r['stats']['completions']:>12}{str(s.get('unique_outputs', '-')):>8}"
+              f"{str(s.get('most_common_count', '-')):>13}{str(s.get('first_divergence')):>18}{r['stats']['retries']:>9}")
+    for p in write_report(results, out, args.stem):
         print(f"wrote {p}")
+    if failure is not None:
+        raise failure if isinstance(failure, BenchError) else BenchError(f"interrupted: {_reason(failure)}")
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _gone(proc, log: Path) -> str | None:
+    """None while the worker process runs; else its exit status and the log's last line."""
+    code = proc.poll()
+    if code is None:
+        return None
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    return f"exit status {code}" + (f"; its log ends: {lines[-1][:200]}" if lines else "")
+
+
+def mode_result(run_: Run, fingerprint: str | None, failure: BaseException | None) -> dict[str, Any]:
+    """One mode's entry in the report: what was measured, also when the run did not finish."""
+    texts = Counter(o.text for o in run_.outputs)
+    return {"fingerprint": fingerprint, "summary": summarize(run_.outputs) if run_.outputs else None,
+            "stats": run_.stats(), "background_sent": run_.background_sent,
+            "status": "complete" if failure is None else f"interrupted: {_reason(failure)}",
+            "most_common_text": texts.most_common(1)[0][0] if texts else None}
 
 
 def add_parser(sub) -> None:

@@ -33,7 +33,22 @@ def gpus() -> list[str]:
             (line.split(",", 1) for line in out.splitlines() if "," in line)]
 
 
+# The flags that choose kernel paths (ours: avx2 / avx512; oneDNN's and vLLM's: AVX-512 bf16, AMX).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_kernel_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in KERNEL_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def describe() -> str:
-    cpu = f"{cpu_model()}, {os.cpu_count()} cores"
+    cpu = f"{cpu_model()} ({' '.join(cpu_kernel_flags()) or 'flags unknown'}), {os.cpu_count()} cores"
     gpu = gpus()
     return f"{', '.join(gpu)}; {cpu}" if gpu else cpu
