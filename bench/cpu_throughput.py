@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from invariant.determinism import KEEPALIVE_EXPIRY_S, RETRY_ATTEMPTS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 PORTS = {False: 8197, True: 8198}  # stock, invariant
@@ -60,21 +62,31 @@ async def one(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[int, 
     tokens = 0
     body = {"model": "m", "prompt": f"Request {i}: tell me about reproducible numerics", "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", "/v1/completions", json=body) as res:
-        async for line in res.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if ttft is None and chunk.get("choices"):
-                ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return tokens, ttft or 0.0
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as res:
+                async for line in res.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if ttft is None and chunk.get("choices"):
+                        ttft = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return tokens, ttft or 0.0
+        except httpx.TransportError:
+            # A reused keep-alive connection the server had just closed (a 2-core run lost its small
+            # model to one): retry a request that got no token yet, else the measurement is void.
+            if ttft is not None or attempt == RETRY_ATTEMPTS - 1:
+                raise
+            t0 = time.perf_counter()
+    raise AssertionError("unreachable")
 
 
 async def round_(port: int, concurrency: int, max_tokens: int, per_lane: int = 4) -> tuple[float, float]:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+                                 limits=httpx.Limits(max_connections=concurrency + 4,
+                                                     keepalive_expiry=KEEPALIVE_EXPIRY_S)) as client:
         queue = list(range(concurrency * per_lane))
         results: list[tuple[int, float]] = []
 

@@ -17,8 +17,8 @@ import torch
 
 from conftest import invariant_cli, start_worker, wait_ready, wait_verdict
 from invariant.kernels.cpu import gemm, native
-from invariant.worker import amx, plugin, probe
-from invariant.worker.server import model_head_dim
+from invariant.kernels.cpu import amx
+from invariant.worker import plugin, probe
 
 FLAGS = native.cpu_flags()
 HAS_AVX512 = native.GEMM_PATHS["avx512"] <= FLAGS
@@ -39,7 +39,7 @@ def test_the_gemm_path_is_the_fastest_the_cpu_runs_or_the_one_asked_for():
     assert native.choose_gemm_path(AVX512, "avx2") == "avx2"
     with pytest.raises(native.KernelBuildError, match="INVARIANT_CPU_GEMM=avx512: this CPU lacks avx512_bf16"):
         native.choose_gemm_path(AVX512 - {"avx512_bf16"}, "avx512")
-    with pytest.raises(native.KernelBuildError, match="expected one of avx512, avx2"):
+    with pytest.raises(native.KernelBuildError, match="expected one of amx, avx512, avx2"):
         native.choose_gemm_path(AVX512, "amx9000")
     with pytest.raises(native.KernelBuildError, match="need x86-64 with AVX2 and FMA"):
         native.choose_gemm_path({"sse4_2"})
@@ -65,6 +65,8 @@ def test_the_fingerprint_names_the_gemm_path_and_the_attention_isa(tiny_model):
     default = _fingerprint(tiny_model)
     kernels = default["parts"]["kernels"]
     assert kernels["cpu_kernels_build"]["gemm_path"] == native.gemm_path()
+    from invariant.worker.server import model_head_dim
+
     head_dim = model_head_dim(str(tiny_model))
     assert kernels["attention_isa"] == _fresh_python(
         f"from invariant.worker import plugin; print(plugin.attention_isa('bfloat16', {head_dim}, invariance=True))")
@@ -149,7 +151,7 @@ def _fresh_python(code: str) -> str:
 def test_the_permission_request_tells_what_it_did_here():
     """On this CPU, in a fresh process (nothing asked before): no AMX -> nothing to ask; AMX -> the
     tile state is not permitted before the request and is after it."""
-    code = ("from invariant.worker import amx\n"
+    code = ("from invariant.kernels.cpu import amx\n"
             "before = amx.tile_permitted()\nstate = amx.request_tile_permission()\n"
             "print(before, state, amx.tile_permitted())")
     before, state, after = _fresh_python(code).split()

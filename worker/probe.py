@@ -38,7 +38,8 @@ def kernel_report(worker: Any) -> dict[str, Any]:
     from vllm.model_executor.layers.layernorm import RMSNorm
     from vllm.v1.sample.sampler import Sampler
 
-    from invariant.worker import amx, plugin
+    from invariant.kernels.cpu import amx
+    from invariant.worker import plugin
 
     model = worker.model_runner.get_model()
     bound, stock = 0, 0

@@ -20,7 +20,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("gemm.c", "gemm_avx512.c", "rowops.c")
+SOURCES = ("gemm.c", "gemm_avx512.c", "gemm_amx.c", "rowops.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared")
 HERE = Path(__file__).resolve().parent
 
@@ -66,6 +66,8 @@ def check_isa() -> None:
 # gives other bits: the path is part of build_identity and so of the fingerprint. The CPU flags each
 # one needs, in order of preference.
 GEMM_PATHS: dict[str, frozenset[str]] = {
+    # bf16 on AMX tiles (TDPBF16PS over 32-wide K chunks); fp32 as on the avx512 path.
+    "amx": frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}),
     "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}),
     "avx2": frozenset({"avx2", "fma"}),
 }
@@ -142,6 +144,9 @@ def library() -> ctypes.CDLL:
     ]
     lib.invariant_gemm_avx512.restype = ctypes.c_int
     lib.invariant_gemm_avx512.argtypes = lib.invariant_gemm.argtypes
+    lib.invariant_gemm_amx.restype = ctypes.c_int
+    lib.invariant_gemm_amx.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.invariant_rms_norm.restype = ctypes.c_int
     lib.invariant_rms_norm.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,

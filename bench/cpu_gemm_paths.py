@@ -1,0 +1,76 @@
+"""Our CPU GEMM paths against the library GEMM stock runs, per op: one table per CPU family.
+
+Each path (avx2, avx512, amx: whichever this CPU runs) and torch's bf16 linear (oneDNN: AMX on an
+AMX CPU) on Qwen3 small/medium linear shapes at M = 1, 8, 32, 128; median of 30 calls after a warm-up;
+the ratio is library time / our time (above 1: ours faster), in the same run. Writes
+docs/results/<name>.{json,md}.
+
+Run: python bench/cpu_gemm_paths.py [--threads 2] [--name cpu_gemm_paths_<family>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from invariant import machine
+from invariant.kernels.cpu import gemm, native
+
+SHAPES = [(3072, 1024, "qkv"), (1024, 1024, "o"), (5632, 1024, "gate_up"), (1024, 2816, "down")]
+MS = (1, 8, 32, 128)
+
+
+def timed(fn, reps: int = 30) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="cpu_gemm_paths")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    paths = [p for p, needs in native.GEMM_PATHS.items() if needs <= native.cpu_flags()]
+    rows = []
+    for n, k, name in SHAPES:
+        w = (torch.randn(n, k) / k ** 0.5).bfloat16()
+        for m in MS:
+            x = torch.randn(m, k).bfloat16()
+            row = {"layer": name, "N": n, "K": k, "M": m, "library_us": timed(lambda: torch.nn.functional.linear(x, w))}
+            for p in paths:
+                row[f"{p}_us"] = timed(lambda: gemm.linear(x, w, path=p))
+            rows.append(row)
+            print("  " + ", ".join(f"{key} {v:.0f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
+                  flush=True)
+    meta = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine.describe(), "threads": args.threads, "torch": torch.__version__, "paths": paths}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    head = "| layer | N | K | M | library (torch bf16 linear) us | " + " | ".join(
+        f"{p} us | library / {p}" for p in paths) + " |"
+    lines = [f"# CPU GEMM paths vs the library GEMM, bf16", "",
+             f"{meta['when']}; {meta['machine']}; {args.threads} threads; torch {torch.__version__}; median of 30 calls.",
+             "", head, "|" + "---|" * (4 + 1 + 2 * len(paths))]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{p}_us']:.0f} | {r['library_us'] / r[f'{p}_us']:.2f}x" for p in paths)
+        lines.append(f"| {r['layer']} | {r['N']} | {r['K']} | {r['M']} | {r['library_us']:.0f} | {cells} |")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
