@@ -1,7 +1,8 @@
-"""Batch-invariant linear layer for the CPU (the C kernel in ``gemm.c``).
+"""Batch-invariant linear layer for the CPU (the C kernels ``gemm.c``, ``gemm_avx512.c``, ``gemm_amx.c``).
 
 Row *i* of ``linear(x, w)`` is bitwise the same for any number and content of the other rows,
-because each output element is reduced in one fixed order (see gemm.c). bf16 and fp32 run natively;
+because each output element is reduced in one fixed order (see the C files; each path has its own
+order and bits). The avx512 and amx paths pack a weight once, on first use. bf16 and fp32 run natively;
 fp16 is widened exactly to fp32 and rounded back once, like the library kernels do.
 """
 
@@ -22,16 +23,24 @@ def _path(wanted: str | None) -> str:
     return native.choose_gemm_path(native.cpu_flags(), wanted) if wanted else native.gemm_path()
 
 
-@lru_cache(maxsize=None)
-def _kernel(path: str):
-    """The C entry point of a lane path (the AMX path's fp32 side is the avx512 one); looked up once."""
-    lib = native.library()
-    return {"avx2": lib.invariant_gemm, "avx512": lib.invariant_gemm_avx512, "amx": lib.invariant_gemm_avx512}[path]
+# Weights packed once per tensor for the avx512 and amx paths, kept on the weight tensor itself and
+# packed again after an in-place update, which bumps the tensor's version (RL weight updates stay right).
+_PACK_ATTR = "_invariant_packed"
 
 
-# AMX B tiles packed once per weight, kept on the weight tensor itself (and packed again after an
-# in-place update, which bumps the tensor's version: RL weight updates stay correct).
-_PACK_ATTR = "_invariant_amx_tiles"
+def pack_avx512(weight: torch.Tensor) -> torch.Tensor:
+    """w (N x K) in 64-column blocks, k outermost inside a block (gemm_avx512.c): bf16 as
+    [block][k pair][64][2] (K padded to even), fp32 as [block][k][64]; zero-padded to 64 columns."""
+    N, K = weight.shape
+    Np = -(-N // 64) * 64
+    if weight.dtype == torch.bfloat16:
+        Kp = -(-K // 2) * 2
+        w = torch.zeros(Np, Kp, dtype=torch.bfloat16)
+        w[:N, :K] = weight
+        return w.view(Np // 64, 64, Kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+    w = torch.zeros(Np, K, dtype=torch.float32)
+    w[:N] = weight
+    return w.view(Np // 64, 64, K).permute(0, 2, 1).contiguous()
 
 
 def pack_amx(weight: torch.Tensor) -> torch.Tensor:
@@ -44,24 +53,51 @@ def pack_amx(weight: torch.Tensor) -> torch.Tensor:
     return w.view(Np // 16, 16, Kp // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    hit = getattr(weight, _PACK_ATTR, None)
-    if hit is None or hit[0] != weight._version:
-        hit = (weight._version, pack_amx(weight))
-        setattr(weight, _PACK_ATTR, hit)
-    return hit[1]
+def _packed(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    cache = getattr(weight, _PACK_ATTR, None)
+    if cache is None or cache[0] != weight._version:
+        cache = (weight._version, {})
+        setattr(weight, _PACK_ATTR, cache)
+    if kind not in cache[1]:
+        cache[1][kind] = pack_amx(weight) if kind == "amx" else pack_avx512(weight)
+    return cache[1][kind]
 
 
-def _linear_amx(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> int:
-    amx.request_tile_permission_once()
+def _run(path: str, dtype_code: int, x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> int:
+    """The avx2 and amx kernels: fp32 sums into y (the caller adds the bias and rounds)."""
+    lib = native.library()
     M, K = x2.shape
     N = weight.shape[0]
+    threads = torch.get_num_threads()
+    if path == "avx2":
+        return lib.invariant_gemm(dtype_code, x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
+                                  y.data_ptr(), N, M, N, K, threads)
+    amx.request_tile_permission_once()
     if K % 32:
         padded = torch.zeros(M, -(-K // 32) * 32, dtype=torch.bfloat16)
         padded[:, :K] = x2
         x2 = padded
-    return native.library().invariant_gemm_amx(x2.data_ptr(), x2.stride(0), _packed(weight).data_ptr(),
-                                               y.data_ptr(), N, M, N, x2.shape[1], torch.get_num_threads())
+    return lib.invariant_gemm_amx(x2.data_ptr(), x2.stride(0), _packed(weight, "amx").data_ptr(),
+                                  y.data_ptr(), N, M, N, x2.shape[1], threads)
+
+
+def _linear_avx512(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype_code: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The avx512 kernel (also the amx path's fp32 side) adds the bias and rounds to the output dtype
+    itself, as the others do through torch: one call, no fp32 intermediate on the bf16 path."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    direct = out_dtype in (torch.float32, torch.bfloat16)
+    y = torch.empty(M, N, dtype=out_dtype if direct else torch.float32)
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    if M and N:
+        rc = native.library().invariant_gemm_avx512(
+            dtype_code, x2.data_ptr(), x2.stride(0), _packed(weight, "avx512").data_ptr(),
+            None if b is None else b.data_ptr(), y.data_ptr(), N, int(y.dtype == torch.bfloat16), M, N, K,
+            torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"invariant GEMM (avx512) refused M={M} N={N} K={K}")
+    return y if direct else y.to(out_dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -82,22 +118,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     lead = x.shape[:-1]
     K = x.shape[-1]
     N = weight.shape[0]
-    x2 = x.reshape(-1, K).to(compute)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # the engine's usual 2-D call skips both copies
+    if x2.dtype != compute:
+        x2 = x2.to(compute)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     M = x2.shape[0]
+    if chosen == "avx512" or (chosen == "amx" and compute == torch.float32):
+        y = _linear_avx512(x2, weight, bias, _DTYPE_CODE[compute], out_dtype)
+        return y if x.dim() == 2 else y.reshape(*lead, N)
     y = torch.empty(M, N, dtype=torch.float32)
-    if M and N and chosen == "amx" and compute == torch.bfloat16:
-        if _linear_amx(x2, weight, y) != 0:
-            raise RuntimeError(f"invariant_gemm_amx refused M={M} N={N} K={K}")
-    elif M and N:
-        rc = _kernel(chosen)(
-            _DTYPE_CODE[compute], x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
-            y.data_ptr(), N, M, N, K, torch.get_num_threads())
+    if M and N:
+        rc = _run(chosen, _DTYPE_CODE[compute], x2, weight, y)
         if rc != 0:
-            raise RuntimeError(f"invariant_gemm refused M={M} N={N} K={K}")
+            raise RuntimeError(f"invariant GEMM ({chosen}) refused M={M} N={N} K={K}")
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(out_dtype).reshape(*lead, N)

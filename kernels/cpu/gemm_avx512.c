@@ -1,124 +1,138 @@
 /* Batch-invariant GEMM, AVX-512 path: y[m, n] = sum_k x[m, k] * w[n, k].
  *
  * Same contract as gemm.c (the AVX2 path), other arithmetic, so other bits and another fingerprint
- * (native.py names the path). Every output element is reduced in one fixed order whatever M is and
- * whichever tile computes it:
- *   - bf16: 16 fp32 lanes; for each 32-wide block of k in order, lane j adds the pair
- *     (k0 + 2j, k0 + 2j + 1) with one VDPBF16PS (AVX512_BF16: bf16 products, fp32 accumulate,
- *     denormals flushed); the K % 32 tail is the same instruction on zero-padded loads;
- *   - fp32: 16 fp32 lanes, lane j takes k = j, j+16, ... with fused multiply-add, in k order; the
- *     K % 16 tail is the same FMA on zero-padded loads (adding 0 * 0 leaves a lane as it was);
- *   - lanes summed in one fixed tree (below).
- * Tiles (up to 4 rows of x by 4 rows of w) decide which elements are computed together, never the
- * order inside one. Threads split the output columns. Compiled without fast-math and with
- * -ffp-contract=off (native.py).
+ * (native.py names the path). Vectorised over output columns, not over k: each of the 16 lanes of
+ * an accumulator is one output element, and it adds its products one after another in k order -
+ *   - bf16: one VDPBF16PS per k pair (AVX512_BF16: the pair (k, k+1) of bf16 products added to the
+ *     fp32 accumulator, denormals flushed), pairs in k order; an odd K's last pair is (x, 0);
+ *   - fp32: one fused multiply-add per k, in k order;
+ * so there is no horizontal sum at all, and an element's sequence of operations is the same whatever
+ * M is, whichever tile row it sits in, whichever thread computes it.
+ * The weights are packed once per tensor (gemm.py): 64-column blocks, k (or k pairs) outermost inside
+ * a block, zero-padded to 64 columns; columns past N are never stored.
+ * Compiled without fast-math and with -ffp-contract=off (native.py).
  */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifndef MR
-#define MR 4
+#define MR 4 /* rows of x per tile: 4 x 4 accumulators + 4 weight vectors + 1 broadcast (measured best of 2x8..12x2) */
 #endif
-#ifndef NR
-#define NR 4
+#ifndef NV
+#define NV 4 /* 16-lane vectors per block: 64 columns */
 #endif
-#define NB 64
+#define NBLK (16 * NV)
 
-/* The 16 lanes summed in one fixed tree, ((l0+l8)+(l4+l12)) + ((l2+l10)+(l6+l14)) for the even lanes,
- * the same for the odd ones, then the two: done with shuffles (lane-wise adds, the same tree for
- * every element), not 15 scalar adds. IEEE addition commutes exactly, so only the tree matters. */
-static inline float hsum16_fixed(__m512 v) {
-    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  /* lane i += lane i^8  (256-bit halves) */
-    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  /* lane i += lane i^4  (128-bit quarters) */
-    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));        /* lane i += lane i^2 */
-    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));        /* lane i += lane i^1 */
-    return _mm512_cvtss_f32(v);
+/* fp32 -> bf16, round to nearest even, NaN -> 0x7FC0: torch's conversion, so the output rounding is
+ * the one the other paths get from torch. */
+static inline __m256i to_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
 }
 
-static inline __attribute__((always_inline)) void tile_bf16_512(const uint16_t *x, int64_t ldx, const uint16_t *w,
-                                                               int64_t ldw, float *y, int64_t ldy, int64_t K,
-                                                               int mr, int nr) {
-    __m512 acc[MR][NR];
+/* One row of a tile: + bias (fp32), then fp32 out, or rounded once to bf16 out. */
+typedef struct {
+    void *y;
+    int64_t ldy;
+    const float *bias; /* NULL: none; else N fp32 values */
+    int bf16;          /* output dtype: 0 fp32, 1 bf16 */
+} out_t;
+
+static inline void store_row(const out_t *o, int64_t row, int64_t n0, const __m512 *acc, int64_t ncols) {
+    for (int v = 0; v < NV; v++) {
+        const int64_t left = ncols - 16 * v;
+        if (left <= 0) return;
+        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const int64_t n = n0 + 16 * v;
+        __m512 val = acc[v];
+        if (o->bias) val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(m, o->bias + n));
+        if (o->bf16)
+            _mm256_mask_storeu_epi16((uint16_t *)o->y + row * o->ldy + n, m, to_bf16(val));
+        else
+            _mm512_mask_storeu_ps((float *)o->y + row * o->ldy + n, m, val);
+    }
+}
+
+/* x rows (bf16, row stride ldx), one packed block wb = [Kp/2][64][2] bf16. */
+static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wb,
+                                                           int64_t K, const out_t *o, int64_t m0, int64_t n0,
+                                                           int64_t ncols, int mr) {
+    __m512 acc[MR][NV];
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
-    const int64_t K32 = K - K % 32;
-    for (int64_t k = 0; k < K32; k += 32) {
-        __m512i wv[NR];
-        for (int j = 0; j < nr; j++) wv[j] = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+    const int64_t KP = K / 2;
+    for (int64_t p = 0; p < KP; p++) {
+        const uint16_t *wp = wb + p * NBLK * 2;
+        __m512i wv[NV];
+        for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_si512((const void *)(wp + 32 * v));
         for (int i = 0; i < mr; i++) {
-            __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + k));
-            for (int j = 0; j < nr; j++)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+            int32_t pair;
+            memcpy(&pair, x + i * ldx + 2 * p, sizeof pair);
+            const __m512i xv = _mm512_set1_epi32(pair);
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)wv[v]);
         }
     }
-    if (K32 < K) {
-        const __mmask32 m = (__mmask32)((1ull << (K - K32)) - 1);
-        __m512i wv[NR];
-        for (int j = 0; j < nr; j++) wv[j] = _mm512_maskz_loadu_epi16(m, w + j * ldw + K32);
+    if (K % 2) {
+        const uint16_t *wp = wb + KP * NBLK * 2;
+        __m512i wv[NV];
+        for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_si512((const void *)(wp + 32 * v));
         for (int i = 0; i < mr; i++) {
-            __m512i xv = _mm512_maskz_loadu_epi16(m, x + i * ldx + K32);
-            for (int j = 0; j < nr; j++)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+            const __m512i xv = _mm512_set1_epi32((int32_t)x[i * ldx + K - 1]); /* (x[K-1], 0) */
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)wv[v]);
         }
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum16_fixed(acc[i][j]);
+    for (int i = 0; i < mr; i++) store_row(o, m0 + i, n0, acc[i], ncols);
 }
 
-static inline __attribute__((always_inline)) void tile_f32_512(const float *x, int64_t ldx, const float *w,
-                                                              int64_t ldw, float *y, int64_t ldy, int64_t K,
-                                                              int mr, int nr) {
-    __m512 acc[MR][NR];
+/* x rows (fp32), one packed block wb = [K][64] fp32. */
+static inline __attribute__((always_inline)) void tile_f32(const float *x, int64_t ldx, const float *wb, int64_t K,
+                                                          const out_t *o, int64_t m0, int64_t n0, int64_t ncols,
+                                                          int mr) {
+    __m512 acc[MR][NV];
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
-    const int64_t K16 = K - K % 16;
-    for (int64_t k = 0; k < K16; k += 16) {
-        __m512 wv[NR];
-        for (int j = 0; j < nr; j++) wv[j] = _mm512_loadu_ps(w + j * ldw + k);
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const float *wp = wb + k * NBLK;
+        __m512 wv[NV];
+        for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_ps(wp + 16 * v);
         for (int i = 0; i < mr; i++) {
-            __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
-            for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+            const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
         }
     }
-    if (K16 < K) {
-        const __mmask16 m = (__mmask16)((1u << (K - K16)) - 1);
-        __m512 wv[NR];
-        for (int j = 0; j < nr; j++) wv[j] = _mm512_maskz_loadu_ps(m, w + j * ldw + K16);
-        for (int i = 0; i < mr; i++) {
-            __m512 xv = _mm512_maskz_loadu_ps(m, x + i * ldx + K16);
-            for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum16_fixed(acc[i][j]);
+    for (int i = 0; i < mr; i++) store_row(o, m0 + i, n0, acc[i], ncols);
 }
 
-/* Arguments as invariant_gemm (gemm.c). Needs AVX512F/BW/VL and, for bf16, AVX512_BF16: the
- * caller (native.py) chooses this path only on such a CPU. */
-int invariant_gemm_avx512(int dtype, const void *x, int64_t ldx, const void *w, int64_t ldw, float *y,
-                          int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+/* dtype 0 = fp32, 1 = bf16. x: M x K (row stride ldx); wp: packed weights (gemm.py pack_avx512) of
+ * ceil(N / 64) blocks; bias: NULL or N fp32; y: M x N (row stride ldy), fp32 or (out_bf16) bf16, the
+ * sum plus bias rounded once. Needs AVX512F/BW/VL and, for bf16, AVX512_BF16: the caller (native.py)
+ * chooses this path only on such a CPU. Returns 0, or -1 on a bad argument. */
+int invariant_gemm_avx512(int dtype, const void *x, int64_t ldx, const void *wp, const float *bias, void *y,
+                          int64_t ldy, int out_bf16, int64_t M, int64_t N, int64_t K, int threads) {
     if (M < 0 || N < 0 || K < 0 || (dtype != 0 && dtype != 1)) return -1;
-    const int64_t nblocks = (N + NB - 1) / NB;
+    const int64_t nblocks = (N + NBLK - 1) / NBLK;
+    const int64_t block_elems = (dtype == 1 ? (K + 1) / 2 * 2 : K) * NBLK;
+    const out_t o = {y, ldy, bias, out_bf16 != 0};
     if (threads < 1) threads = 1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblocks > 1)
     for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
+        const int64_t n0 = b * NBLK, ncols = N - n0 < NBLK ? N - n0 : NBLK;
         for (int64_t m = 0; m < M; m += MR) {
             const int mr = (int)(M - m < MR ? M - m : MR);
-            for (int64_t n = n0; n < n1; n += NR) {
-                const int nr = (int)(n1 - n < NR ? n1 - n : NR);
-                float *yp = y + m * ldy + n;
-                if (dtype == 0) {
-                    const float *xp = (const float *)x + m * ldx, *wp = (const float *)w + n * ldw;
-                    if (mr == MR && nr == NR) tile_f32_512(xp, ldx, wp, ldw, yp, ldy, K, MR, NR);
-                    else tile_f32_512(xp, ldx, wp, ldw, yp, ldy, K, mr, nr);
-                } else {
-                    const uint16_t *xp = (const uint16_t *)x + m * ldx, *wp = (const uint16_t *)w + n * ldw;
-                    if (mr == MR && nr == NR) tile_bf16_512(xp, ldx, wp, ldw, yp, ldy, K, MR, NR);
-                    else tile_bf16_512(xp, ldx, wp, ldw, yp, ldy, K, mr, nr);
-                }
+            if (dtype == 1) {
+                const uint16_t *xp = (const uint16_t *)x + m * ldx, *wb = (const uint16_t *)wp + b * block_elems;
+                if (mr == MR) tile_bf16(xp, ldx, wb, K, &o, m, n0, ncols, MR);
+                else tile_bf16(xp, ldx, wb, K, &o, m, n0, ncols, mr);
+            } else {
+                const float *xp = (const float *)x + m * ldx, *wb = (const float *)wp + b * block_elems;
+                if (mr == MR) tile_f32(xp, ldx, wb, K, &o, m, n0, ncols, MR);
+                else tile_f32(xp, ldx, wb, K, &o, m, n0, ncols, mr);
             }
         }
     }

@@ -143,7 +143,9 @@ def library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
     ]
     lib.invariant_gemm_avx512.restype = ctypes.c_int
-    lib.invariant_gemm_avx512.argtypes = lib.invariant_gemm.argtypes
+    lib.invariant_gemm_avx512.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.invariant_gemm_amx.restype = ctypes.c_int
     lib.invariant_gemm_amx.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
