@@ -170,3 +170,20 @@ def test_control_split_k_gemm_is_caught():
 
     with pytest.raises(AssertionError):
         _alone_equals_batched(split_when_batched, x, 2)
+
+
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_packed_weights_follow_updates_and_inference_tensors(path):
+    """The avx512 and amx paths pack a weight once: an in-place update (an RL step) must be seen, and a
+    weight made under inference_mode (no version counter: packed per call) must give the same bits."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(70, 130, generator=g).bfloat16()
+    x = torch.randn(5, 130, generator=g).bfloat16()
+    before = gemm.linear(x, w, path=path)
+    w.mul_(2)
+    assert torch.equal(gemm.linear(x, w, path=path), gemm.linear(x, w.clone(), path=path))
+    assert not torch.equal(gemm.linear(x, w, path=path), before)
+    with torch.inference_mode():
+        fresh = w.clone()
+        for _ in range(5):
+            assert torch.equal(gemm.linear(x, fresh, path=path), gemm.linear(x, w, path=path))

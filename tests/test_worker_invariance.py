@@ -87,7 +87,7 @@ def test_canary_passed_on_the_invariant_worker(worker):
     parts = httpx.get(f"{worker.url}/invariant/fingerprint", timeout=5).json()["parts"]
     assert parts["invariance"] is True and parts["kernels"]["batch_invariant"] == "invariant-cpu"
     assert parts["kernels"]["attn_split_kv"] is False
-    assert set(parts["kernels"]["cpu_kernels_build"]) == {"source_sha256", "compiler", "flags"}
+    assert set(parts["kernels"]["cpu_kernels_build"]) == {"source_sha256", "compiler", "flags", "gemm_path"}
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,10 @@ def pack_amx(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    if weight.is_inference():
+        # An inference tensor has no version counter, so an in-place update could not be seen: pack
+        # it anew every call (correct; slow only for weights made under inference_mode).
+        return pack_amx(weight) if kind == "amx" else pack_avx512(weight)
     cache = getattr(weight, _PACK_ATTR, None)
     if cache is None or cache[0] != weight._version:
         cache = (weight._version, {})
@@ -77,7 +81,8 @@ def _run(path: str, dtype_code: int, x2: torch.Tensor, weight: torch.Tensor, y: 
         padded = torch.zeros(M, -(-K // 32) * 32, dtype=torch.bfloat16)
         padded[:, :K] = x2
         x2 = padded
-    return lib.invariant_gemm_amx(x2.data_ptr(), x2.stride(0), _packed(weight, "amx").data_ptr(),
+    packed = _packed(weight, "amx")  # held here: a fresh pack must outlive the call
+    return lib.invariant_gemm_amx(x2.data_ptr(), x2.stride(0), packed.data_ptr(),
                                   y.data_ptr(), N, M, N, x2.shape[1], threads)
 
 
@@ -91,8 +96,9 @@ def _linear_avx512(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.empty(M, N, dtype=out_dtype if direct else torch.float32)
     b = None if bias is None else bias.to(torch.float32).contiguous()
     if M and N:
+        packed = _packed(weight, "avx512")  # held here: a fresh pack must outlive the call
         rc = native.library().invariant_gemm_avx512(
-            dtype_code, x2.data_ptr(), x2.stride(0), _packed(weight, "avx512").data_ptr(),
+            dtype_code, x2.data_ptr(), x2.stride(0), packed.data_ptr(),
             None if b is None else b.data_ptr(), y.data_ptr(), N, int(y.dtype == torch.bfloat16), M, N, K,
             torch.get_num_threads())
         if rc != 0:
