@@ -111,7 +111,7 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     head = f"| layer | N | K | M | library ({library[0]}) us | " + " | ".join(
         f"{p} us | library / {p}" for p in paths) + " |"
-    lines = [f"# CPU GEMM paths vs the library GEMM, bf16", "",
+    lines = ["# CPU GEMM paths vs the library GEMM, bf16", "",
              f"{meta['when']}; {meta['machine']}; {args.threads} threads; torch {torch.__version__}; median of 30 calls.",
              "", head, "|" + "---|" * (4 + 1 + 2 * len(paths))]
     for r in rows:
