@@ -39,8 +39,9 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600
             body = res.json()
             if res.status_code == 200:
                 return body
-            if (body.get("canary") or {}).get("ok") is False:
-                raise WorkerStartError(f"{body['canary']['message']}; log: {log}")
+            for verdict in ("kernel_canary", "canary"):
+                if (body.get(verdict) or {}).get("ok") is False:
+                    raise WorkerStartError(f"{body[verdict]['message']}; log: {log}")
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)

@@ -86,10 +86,10 @@ def run_canary(kwargs: dict) -> dict:
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     try:
-        verdict, alone, crowd = asyncio.run(canary.run(engine, **canary.sizes(True)))
+        verdict = asyncio.run(canary.run(engine, **canary.sizes(True)))
     finally:
         engine.shutdown()
-    return {"canary": canary.summary(verdict, alone, crowd)}
+    return {"canary": verdict}
 
 
 def budget_head(llm, fillers: list[str], tokens: int) -> list[dict]:

@@ -92,11 +92,12 @@ def test_canary_passed_on_the_invariant_worker(worker):
 
 @pytest.fixture(scope="module")
 def side_workers(tiny_model, tmp_path_factory):
-    """Started together: one with a GEMM made batch-variant on purpose, one with --no-invariance."""
+    """Started together: one with a GEMM made batch-variant on purpose and the kernel canary blinded
+    (so the end-to-end canary must catch the fault by itself), one with --no-invariance."""
     logs = tmp_path_factory.mktemp("side-logs")
     # no empty PYTHONPATH entry: that would put the checkout root (and its operator/) on sys.path
     path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path, "INVARIANT_TEST_FAULT": "split-k"}
+    env = {"PYTHONPATH": path, "INVARIANT_TEST_FAULT": "split-k", "INVARIANT_TEST_BLIND_KERNEL_CANARY": "1"}
     faulty = start_worker(tiny_model, logs, name="tiny", env=env)
     stock = start_worker(tiny_model, logs, "--no-invariance", name="tiny")
     try:
@@ -124,8 +125,11 @@ def test_canary_catches_a_batch_variant_op(side_workers):
     assert body is not None and body["canary"]["ok"] is False, body
     assert res.status_code == 503 and body["ready"] is False
     assert body["reasons"][0].startswith("canary failed:") and "first at position" in body["reasons"][0]
+    assert body["kernel_canary"]["ok"] is True  # blinded: this verdict is the end-to-end canary's own
+    failed = [name for name, c in body["canary"]["cases"].items() if not c["ok"]]
+    assert failed and body["reasons"][0].startswith(f"canary failed: {failed[0]} prompt:")
     log = faulty.log.read_text()
-    assert "canary: alone    token ids" in log and "canary: in batch token ids" in log
+    assert f"canary {failed[0]}: alone    token ids" in log and f"canary {failed[0]}: in batch token ids" in log
 
 
 def test_no_invariance_serves_stock_under_its_own_fingerprint(worker, side_workers, tiny_model):

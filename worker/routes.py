@@ -24,6 +24,8 @@ class WorkerState:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # The start-up canary's verdict (invariant mode): alone vs in a crowd, bitwise.
     canary: dict[str, Any] = field(default_factory=lambda: {"ok": None, "message": "canary has not run yet"})
+    # The kernel canary's verdict (invariant.worker.kernel_canary): each kernel, row alone vs amid batches.
+    kernel_canary: dict[str, Any] = field(default_factory=lambda: {"ok": None, "message": "kernel canary has not run yet"})
     # What each vLLM model process reported it runs (invariant.worker.probe), once the engine is up.
     kernel_reports: list[dict[str, Any]] = field(default_factory=list)
     ready: bool = False
@@ -48,12 +50,12 @@ def invariant_router(state: WorkerState) -> APIRouter:
     async def fingerprint() -> dict[str, Any]:
         return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts,
                 "sampling_defaults": state.sampling_defaults, "canary": state.canary,
-                "kernel_reports": state.kernel_reports}
+                "kernel_canary": state.kernel_canary, "kernel_reports": state.kernel_reports}
 
     @router.get("/ready")
     async def ready() -> JSONResponse:
         body = {"ready": state.ready, "fingerprint": state.fingerprint, "reasons": state.reasons,
-                "canary": state.canary}
+                "canary": state.canary, "kernel_canary": state.kernel_canary}
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     return router

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import time
 import uuid
 from typing import Any
 
@@ -218,16 +219,18 @@ async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> Non
             if not await kernels_as_fingerprinted(engine_client, state):
                 return
         if invariance:
+            if not await kernels_row_invariant(engine_client, state):
+                return
             on_gpu = state.parts["kernels"]["backend"] == "cuda"
-            verdict, alone, crowd = await canary.run(engine_client, **canary.sizes(on_gpu))
-            state.canary = canary.summary(verdict, alone, crowd)
-            if not verdict.ok:
+            state.canary = await canary.run(engine_client, **canary.sizes(on_gpu))
+            if not state.canary["ok"]:
                 state.mark_failed(state.canary["message"])
                 log.error("worker not ready: %s", state.canary["message"])
                 return
             log.info("%s", state.canary["message"])
         else:
             state.canary = {"ok": None, "message": "canary skipped: invariance is off (--no-invariance)"}
+            state.kernel_canary = {"ok": None, "message": "kernel canary skipped: invariance is off (--no-invariance)"}
     except Exception as exc:  # noqa: BLE001 - report any failure as unready, with the reason
         state.mark_failed(f"warm-up generation failed: {exc}")
         log.error("worker not ready: warm-up generation failed: %s", exc)
@@ -253,6 +256,28 @@ async def kernels_as_fingerprinted(engine_client, state: WorkerState) -> bool:
         state.mark_failed("kernels differ from the fingerprint: " + "; ".join(problems))
         log.error("worker not ready: %s", state.failure)
         return False
+    return True
+
+
+async def kernels_row_invariant(engine_client, state: WorkerState) -> bool:
+    """The kernel canary in every model process (invariant.worker.kernel_canary): each kernel on the
+    model's weights, a row alone vs amid batches up to the token budget. False (and the worker
+    failed, naming kernel and batch size) on any difference."""
+    from invariant.worker import kernel_canary
+
+    started = time.perf_counter()
+    try:
+        result = kernel_canary.verdict(await kernel_canary.ask(engine_client))
+    except Exception as exc:  # noqa: BLE001 - a missing RPC means the plugin is not loaded there
+        result = {"ok": False, "failures": [],
+                  "message": f"kernel canary failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
+    result["wall_seconds"] = round(time.perf_counter() - started, 3)
+    state.kernel_canary = result
+    if not result["ok"]:
+        state.mark_failed(result["message"])
+        log.error("worker not ready: %s", result["message"])
+        return False
+    log.info("%s (%.1f s)", result["message"], result["wall_seconds"])
     return True
 
 

@@ -107,17 +107,19 @@ def _linear_avx512(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           path: str | None = None) -> torch.Tensor:
+           path: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear`` with a fixed reduction order per output element.
 
     ``path`` (``avx2``, ``avx512``, ``amx``) picks the instruction path; by default this process's
-    (``native.gemm_path``). Each path has its own bits."""
+    (``native.gemm_path``). Each path has its own bits. ``out_dtype=torch.float32`` returns the
+    kernel's fp32 sums (plus bias) before the one rounding to x's dtype: the worker's kernel canary
+    compares those, where bf16 rounding cannot hide a difference (invariant.worker.kernel_canary)."""
     chosen = _path(path)
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError("invariant.kernels.cpu.linear runs on CPU tensors only")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    out_dtype = x.dtype
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     compute = x.dtype if x.dtype in _DTYPE_CODE else torch.float32
     if weight.dtype != compute:
         weight = weight.to(compute)

@@ -8,9 +8,12 @@ right after they are imported, only when its environment variables ask for it:
   ``torch.nn.functional.linear`` (what vLLM uses where oneDNN is unavailable, and for bf16 on
   AVX2-only CPUs). In fp32 that is MKL, which picks a different kernel for one row than for several
   on every x86 CPU we measured: the control's batch variance, on any CI machine.
-- ``INVARIANT_TEST_FAULT=split-k``: our GEMM made batch-variant on purpose; a call with more than
-  one row sums the two halves of K separately, so a row's rounding depends on the batch. The canary
-  must catch it.
+- ``INVARIANT_TEST_BLIND_KERNEL_CANARY=1``: the kernel canary passes without checking, so a test
+  sees what the end-to-end canary catches by itself.
+- ``INVARIANT_TEST_FAULT=<fault>``: one of our kernels made batch-variant on purpose (see FAULTS);
+  the canaries must catch each. ``split-k``: a GEMM call with more than one row sums the two halves
+  of K separately. The others differ from it in what they change and where (issue #20): only some
+  rows of a batch, only above some batch size, only inside the reduction's rounding.
 """
 
 from __future__ import annotations
@@ -29,26 +32,184 @@ def _split_k_fault(module) -> None:
 
     original = module.linear
 
-    def linear(x, weight, bias=None):
+    def linear(x, weight, bias=None, **kw):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         if rows <= 1:
-            return original(x, weight, bias)
+            return original(x, weight, bias, **kw)
         half = x.shape[-1] // 2
-        lo = original(x[..., :half].contiguous(), weight[:, :half].contiguous()).float()
-        hi = original(x[..., half:].contiguous(), weight[:, half:].contiguous()).float()
+        lo = original(x[..., :half].contiguous(), weight[:, :half].contiguous(), out_dtype=torch.float32)
+        hi = original(x[..., half:].contiguous(), weight[:, half:].contiguous(), out_dtype=torch.float32)
         y = lo + hi
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype)
+        return y.to(kw.get("out_dtype") or x.dtype)
 
     module.linear = linear
+
+
+def _gemm_tail_fault(module) -> None:
+    """Rows past the last full tile of 16 (batches over 16 rows) take torch's GEMM: the start of a
+    batch is right, its last rows are not."""
+    import torch
+
+    original = module.linear
+
+    def linear(x, weight, bias=None, **kw):
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        y = original(x, weight, bias, **kw)
+        tail = rows % 16
+        if rows > 16 and tail:
+            y2 = y.reshape(rows, -1)
+            ref = torch.nn.functional.linear(x2[-tail:].float(), weight.float(),
+                                             None if bias is None else bias.float())
+            y2[-tail:] = ref.to(y2.dtype)
+        return y
+
+    module.linear = linear
+
+
+def _gemm_large_fault(module) -> None:
+    """From 512 rows on (a prefill step, never a decode batch) every row's sums are rounded once
+    through bf16 halves of K: other bits only in large batches."""
+    import torch
+
+    original = module.linear
+
+    def linear(x, weight, bias=None, **kw):
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if rows < 512:
+            return original(x, weight, bias, **kw)
+        k = x.shape[-1]
+        chunks = [original(x[..., i:i + 32].contiguous(), weight[:, i:i + 32].contiguous(), out_dtype=torch.float32)
+                  for i in range(0, k, 32)]
+        y = chunks[0]
+        for c in chunks[1:]:
+            y = y + c
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(kw.get("out_dtype") or x.dtype)
+
+    module.linear = linear
+
+
+def _rms_halves_fault(module) -> None:
+    """RMSNorm on more than one row: the mean of squares summed as two halves of the row (fp32),
+    the pairwise order a vectorised reduction might take for a batch."""
+    import torch
+
+    plain, fused = module.rms_norm, module.fused_add_rms_norm
+
+    def stats_norm(x, weight, eps):
+        xf = x.float()
+        half = x.shape[-1] // 2
+        var = (xf[..., :half].pow(2).sum(-1, keepdim=True) + xf[..., half:].pow(2).sum(-1, keepdim=True)) / x.shape[-1]
+        out = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+        return out if weight is None else out * weight.to(x.dtype)
+
+    def rms_norm(x, weight, eps):
+        if x.reshape(-1, x.shape[-1]).shape[0] <= 1:
+            return plain(x, weight, eps)
+        return stats_norm(x, weight, eps)
+
+    def fused_add_rms_norm(x, residual, weight, eps):
+        if x.reshape(-1, x.shape[-1]).shape[0] <= 1:
+            return fused(x, residual, weight, eps)
+        summed = (x.float() + residual.float()).to(x.dtype)
+        return stats_norm(summed, weight, eps), summed
+
+    module.rms_norm, module.fused_add_rms_norm = rms_norm, fused_add_rms_norm
+
+
+def _rms_last_row_fault(module) -> None:
+    """RMSNorm from 33 rows on: the last row's statistics taken in float64 (exact where ours rounds),
+    so only a batch's last row changes, and only in batches larger than a decode of 32."""
+    import torch
+
+    plain, fused = module.rms_norm, module.fused_add_rms_norm
+
+    def last_row(x, out, weight, eps):
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= 32:
+            return out
+        last = rows[-1:].double()
+        scale = torch.rsqrt(last.pow(2).mean(-1, keepdim=True) + eps)
+        y = (last * scale).to(x.dtype)
+        y = y if weight is None else y * weight.to(x.dtype)
+        o = out.reshape(rows.shape)
+        o[-1:] = y
+        return out
+
+    def rms_norm(x, weight, eps):
+        return last_row(x, plain(x, weight, eps), weight, eps)
+
+    def fused_add_rms_norm(x, residual, weight, eps):
+        out, summed = fused(x, residual, weight, eps)
+        return last_row(summed, out, weight, eps), summed
+
+    module.rms_norm, module.fused_add_rms_norm = rms_norm, fused_add_rms_norm
+
+
+def _logsoftmax_batched_fault(module) -> None:
+    """log_softmax of more than one row by torch's kernel (its own max and sum order)."""
+    import torch
+
+    original = module.log_softmax
+
+    def log_softmax(x):
+        if x.reshape(-1, x.shape[-1]).shape[0] <= 1:
+            return original(x)
+        return torch.log_softmax(x.float(), dim=-1)
+
+    module.log_softmax = log_softmax
+
+
+def _logsoftmax_large_fault(module) -> None:
+    """log_softmax from 64 rows on computed in float64 and rounded once: more exact, other bits."""
+    import torch
+
+    original = module.log_softmax
+
+    def log_softmax(x):
+        if x.reshape(-1, x.shape[-1]).shape[0] < 64:
+            return original(x)
+        return torch.log_softmax(x.double(), dim=-1).float()
+
+    module.log_softmax = log_softmax
+
+
+# INVARIANT_TEST_FAULT -> (module patched, how)
+FAULTS = {
+    "split-k": ("invariant.kernels.cpu.gemm", _split_k_fault),
+    "gemm-tail": ("invariant.kernels.cpu.gemm", _gemm_tail_fault),
+    "gemm-large": ("invariant.kernels.cpu.gemm", _gemm_large_fault),
+    "rms-halves": ("invariant.kernels.cpu.rowops", _rms_halves_fault),
+    "rms-last-row": ("invariant.kernels.cpu.rowops", _rms_last_row_fault),
+    "logsoftmax-batched": ("invariant.kernels.cpu.rowops", _logsoftmax_batched_fault),
+    "logsoftmax-large": ("invariant.kernels.cpu.rowops", _logsoftmax_large_fault),
+}
 
 
 HOOKS = {}
 if os.environ.get("INVARIANT_TEST_STOCK_GEMM") == "torch":
     HOOKS["vllm._custom_ops"] = _stock_torch_gemm
-if os.environ.get("INVARIANT_TEST_FAULT") == "split-k":
-    HOOKS["invariant.kernels.cpu.gemm"] = _split_k_fault
+def _blind_kernel_canary(module) -> None:
+    """The kernel canary reports a pass without looking: what the end-to-end canary sees on its own."""
+
+    def run_all(model, *, budget, **_):
+        return {"pid": os.getpid(), "ok": True, "failures": [], "checked": [], "sizes": 0, "budget": budget,
+                "seconds": 0.0}
+
+    module.run_all = run_all
+
+
+if os.environ.get("INVARIANT_TEST_BLIND_KERNEL_CANARY") == "1":
+    HOOKS["invariant.worker.kernel_canary"] = _blind_kernel_canary
+_fault = os.environ.get("INVARIANT_TEST_FAULT")
+if _fault:
+    if _fault not in FAULTS:
+        raise RuntimeError(f"INVARIANT_TEST_FAULT={_fault!r}: expected one of {', '.join(FAULTS)}")
+    HOOKS[FAULTS[_fault][0]] = FAULTS[_fault][1]
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -1,0 +1,165 @@
+"""The kernel canary (invariant.worker.kernel_canary): each kernel's row alone vs amid batches.
+
+Pure parts first (sizes, positions, bit comparison, the verdict), then the check itself on our CPU
+kernels with a batch-variant twin as the control, then the worker: each of several differently
+broken kernels (tests/hooks/sitecustomize.py FAULTS) keeps it unready, naming kernel and batch size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+import torch
+
+from conftest import HERE_HOOKS, start_worker, wait_verdict
+from invariant.kernels.cpu import gemm, rowops
+from invariant.worker import kernel_canary as kc
+
+
+def test_batch_sizes_are_dense_to_64_then_reach_the_budget():
+    sizes = kc.batch_sizes(2048)
+    assert sizes[:64] == list(range(1, 65))
+    assert sizes[-2:] == [2047, 2048] and sizes == sorted(set(sizes))
+    for p in (128, 256, 512, 1024):
+        assert {p - 1, p, p + 1} <= set(sizes)
+    assert 96 in sizes and 1536 in sizes  # the three-halves points between powers of two
+    assert len(sizes) < 100  # affordable: each size is a GEMM per weight shape
+    assert kc.batch_sizes(1) == [1] and kc.batch_sizes(5) == [1, 2, 3, 4, 5]
+    assert max(kc.batch_sizes(100)) == 100
+    with pytest.raises(ValueError):
+        kc.batch_sizes(0)
+
+
+def test_probe_rows_sit_at_the_start_middle_and_end():
+    assert kc.positions(1) == [0]
+    assert kc.positions(2) == [0, 1]
+    assert kc.positions(17) == [0, 8, 16]
+
+
+def test_differing_compares_bits_not_values():
+    a = torch.tensor([1.0, 0.0, float("nan")])
+    assert kc.differing(a, a.clone()) == 0
+    assert kc.differing(a, torch.tensor([1.0, -0.0, float("nan")])) == 1  # -0.0 == 0.0 but other bits
+    assert kc.differing(a.to(torch.bfloat16), torch.tensor([1.0078125, 0.0, float("nan")]).to(torch.bfloat16)) == 1
+
+
+def _gemm_case(run, k=96, n=80, dtype=torch.bfloat16, max_rows=200):
+    return kc.Case("gemm", "test", f"K={k} N={n}", k, max_rows, run, dtype, torch.device("cpu"))
+
+
+WEIGHT = torch.randn(80, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+
+def test_our_gemm_passes_the_check_and_a_tail_variant_twin_fails_it():
+    ours = _gemm_case(lambda x: [("bf16", gemm.linear(x, WEIGHT)),
+                                 ("fp32 sums", gemm.linear(x, WEIGHT, out_dtype=torch.float32))])
+    sizes = kc.batch_sizes(200)
+    assert kc.check(ours, sizes) is None
+
+    def tail_variant(x):  # the control: rows past the last tile of 16 take torch's GEMM
+        y = gemm.linear(x, WEIGHT, out_dtype=torch.float32)
+        t = x.shape[0] % 16
+        if x.shape[0] > 16 and t:
+            y[-t:] = torch.nn.functional.linear(x[-t:].float(), WEIGHT.float())
+        return [("fp32 sums", y)]
+
+    failure = kc.check(_gemm_case(tail_variant), sizes)
+    assert failure is not None and (failure.batch, failure.row) == (17, 16), failure
+    assert "gemm (test, K=96 N=80, fp32 sums) differs in a batch of 17: row 16" in failure.message()
+
+
+def test_full_precision_sees_what_bf16_rounding_hides():
+    """One fp32 ulp added to every sum of a batched call: the bf16 outputs (rounded) hide it in
+    most elements; the fp32 sums show it at the first batched size."""
+
+    def ulp_variant(x, *, full):
+        y = gemm.linear(x, WEIGHT, out_dtype=torch.float32)
+        if x.shape[0] > 1:
+            y = torch.nextafter(y, torch.full_like(y, float("inf")))
+        return [("fp32 sums", y)] if full else [("bf16", y.to(torch.bfloat16))]
+
+    full = kc.check(_gemm_case(lambda x: ulp_variant(x, full=True)), [1, 2, 3])
+    assert full is not None and full.batch == 2 and full.differing >= 70, full
+    rounded = kc.check(_gemm_case(lambda x: ulp_variant(x, full=False)), [1, 2, 3])
+    hidden = 80 - (rounded.differing if rounded else 0)
+    assert hidden >= 70, f"bf16 rounding hid only {80 - hidden} of 80 differences"
+
+
+def test_our_row_kernels_pass_and_torch_logsoftmax_in_batches_fails():
+    vocab, sizes = 1000, kc.batch_sizes(300)
+    case = lambda run: kc.Case("log_softmax", "test", f"vocab={vocab}", vocab, 300, run,  # noqa: E731
+                               torch.float32, torch.device("cpu"), scale=4.0)
+    assert kc.check(case(lambda x: [("float32", rowops.log_softmax(x))]), sizes) is None
+    variant = lambda x: [("float32", rowops.log_softmax(x) if x.shape[0] == 1 else torch.log_softmax(x, -1))]  # noqa: E731
+    failure = kc.check(case(variant), sizes)
+    assert failure is not None and failure.batch == 2, failure
+    w = torch.rand(64, generator=torch.Generator().manual_seed(2)) + 0.5
+    norm = kc.Case("rms_norm", "test", "width=64", 64, 300, lambda x: [("fp32", rowops.rms_norm(x, w, 1e-6))],
+                   torch.float32, torch.device("cpu"))
+    assert kc.check(norm, sizes) is None
+
+
+def test_the_verdict_names_kernel_and_batch_size_and_counts_the_rest():
+    fail = kc.Failure("rms_norm", "model.norm", "width=128", "fp32", 33, 32, 29, 128)
+    results = [{"ok": False, "failures": [{**fail.__dict__, "message": fail.message()}] * 2, "seconds": 1.5},
+               {"ok": True, "failures": [], "seconds": 0.5, "checked": [{}]}]
+    v = kc.verdict(results)
+    assert not v["ok"] and v["seconds"] == 1.5
+    assert v["message"] == ("kernel canary failed: rms_norm (model.norm, width=128, fp32) differs in a batch of 33: "
+                            "row 32 has 29 of 128 values other than the row alone (and 1 more)")
+    ok = kc.verdict([{"ok": True, "failures": [], "checked": [{}] * 10, "sizes": 83, "budget": 2048, "seconds": 0.4}])
+    assert ok["ok"] and "10 kernel cases" in ok["message"] and "up to 2048 rows" in ok["message"]
+    assert kc.verdict([])["ok"] is False
+
+
+# fault (tests/hooks/sitecustomize.py) -> the kernel and batch size the worker must name
+FAULTS = {
+    "split-k": ("gemm", 2),
+    "gemm-tail": ("gemm", 17),
+    "gemm-large": ("gemm", 512),
+    "rms-halves": ("rms_norm", 2),
+    "rms-last-row": ("rms_norm", 33),
+    "logsoftmax-batched": ("log_softmax", 2),
+    "logsoftmax-large": ("log_softmax", 64),
+}
+
+
+def hooked_env(**extra: str) -> dict:
+    # no empty PYTHONPATH entry: that would put the checkout root (and its operator/) on sys.path
+    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **extra}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_broken_kernel_keeps_the_worker_unready(tiny_model, tmp_path, fault):
+    kernel, batch = FAULTS[fault]
+    w = start_worker(tiny_model, tmp_path, name="tiny", env=hooked_env(INVARIANT_TEST_FAULT=fault))
+    try:
+        body = wait_verdict(w)
+        res = httpx.get(f"{w.url}/invariant/ready", timeout=5)
+    finally:
+        w.stop()
+    assert res.status_code == 503 and body["ready"] is False, body
+    reason = body["reasons"][0]
+    assert reason.startswith(f"kernel canary failed: {kernel}") or \
+        reason.startswith(f"kernel canary failed: fused_add_{kernel}"), reason
+    assert f"differs in a batch of {batch}:" in reason, reason
+    first = body["kernel_canary"]["failures"][0]
+    assert first["batch"] == batch and first["differing"] > 0
+    assert body["canary"]["ok"] is None  # stopped before the end-to-end canary ran
+
+
+@pytest.mark.engine
+def test_the_healthy_worker_passes_both_canaries_and_says_what_it_checked(worker):
+    body = httpx.get(f"{worker.url}/invariant/ready", timeout=5).json()
+    assert body["ready"] and body["kernel_canary"]["ok"] is True, body
+    kcv = body["kernel_canary"]
+    # tiny Qwen3: qkv, o, gate_up, down, lm_head; RMSNorm of hidden and head width, plain and fused;
+    # the sampler's log_softmax
+    assert kcv["cases"] == 10 and "up to 2048 rows" in kcv["message"], kcv
+    cases = body["canary"]["cases"]
+    assert set(cases) == {"greedy", "seeded", "long split-prefill"}
+    assert all(c["ok"] and c["tokens"] == 32 for c in cases.values()), cases

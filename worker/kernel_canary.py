@@ -1,0 +1,288 @@
+"""Kernel canary: each batch-invariant kernel, on the model's own weights, a row alone against the
+same row amid batches of every size class up to the engine's token budget, compared bit for bit.
+
+The end-to-end canary (invariant.worker.canary) sees a difference only where it surfaces in a
+token or a served logprob; bf16 rounding hides most one-ulp differences of a reduction, so a
+batch-variant kernel can pass it and still change other prompts' tokens. This check looks where
+differences are born: in every model process (through vLLM's ``collective_rpc``, like the kernel
+probe), it runs the very functions the model calls (each distinct linear layer's GEMM with its real
+weight and bias, each distinct RMSNorm plain and with residual, the logprobs' log_softmax) on fixed
+random rows and compares every row of interest with the same row computed alone.
+
+Where the CPU GEMM has full-precision sums (``out_dtype=torch.float32``, before the one rounding to
+bf16) those are compared as well as the served dtype; the row kernels are also run in fp32 (the same
+reduction code, no rounding of the output). Three probe rows sit at the start, the middle and the
+end of each batch (kernels tile rows: a fault may live in the last partial tile only).
+
+Batch sizes (:func:`batch_sizes`): every size from 1 to 64 (every remainder of every row tile up to
+64, every decode batch of up to 64 sequences), then each power of two and its neighbours, the
+three-halves points between them, and the budget itself. A kernel whose order changes above some
+row count is caught, because the budget is checked; what goes unchecked is a change confined to a
+narrow band of sizes above 64 that none of those points falls in. The check is pure arithmetic on
+the model's tensors: no request, no KV cache, no effect on what the engine later serves.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+RPC_METHOD = "invariant_kernel_canary"
+SEED = 20261202
+PROBE_ROWS = 3
+# Where the sizes stop being dense: every row count up to here is checked.
+DENSE_UP_TO = 64
+
+
+def batch_sizes(budget: int) -> list[int]:
+    """The row counts checked for a kernel whose batch can reach ``budget`` rows (see the module)."""
+    if budget < 1:
+        raise ValueError(f"batch_sizes: budget {budget} < 1")
+    sizes = set(range(1, min(budget, DENSE_UP_TO) + 1))
+    p = DENSE_UP_TO * 2
+    while p // 2 <= budget:
+        sizes |= {p // 2 + p // 4, p - 1, p, p + 1}
+        p *= 2
+    sizes |= {budget - 1, budget}
+    return sorted(s for s in sizes if 1 <= s <= budget)
+
+
+def positions(rows: int) -> list[int]:
+    """Where the probe rows go in a batch of ``rows``: the start, the middle and the end."""
+    return sorted({0, rows // 2, rows - 1})[:PROBE_ROWS] if rows > 1 else [0]
+
+
+@dataclass(frozen=True)
+class Failure:
+    kernel: str        # "gemm", "rms_norm", "fused_add_rms_norm", "log_softmax"
+    name: str          # the module it was checked on
+    shape: str
+    precision: str     # which output was compared: the served dtype or the fp32 sums
+    batch: int         # the batch size at which the row differed
+    row: int           # the row's position in that batch
+    differing: int
+    width: int
+
+    def message(self) -> str:
+        return (f"{self.kernel} ({self.name}, {self.shape}, {self.precision}) differs in a batch of {self.batch}: "
+                f"row {self.row} has {self.differing} of {self.width} values other than the row alone")
+
+
+def _bits(t):
+    import torch
+
+    ints = {4: torch.int32, 2: torch.int16, 8: torch.int64}
+    return t.contiguous().view(ints[t.element_size()])
+
+
+def differing(a, b) -> int:
+    """How many elements differ in their bits (NaN equals the same NaN; -0.0 differs from 0.0)."""
+    return int((_bits(a) != _bits(b)).sum())
+
+
+@dataclass
+class Case:
+    """One kernel on one module: ``run(rows)`` returns the outputs to compare, one tensor per
+    output, each with the batch's rows first; ``width`` is the row length of the input."""
+
+    kernel: str
+    name: str
+    shape: str
+    width: int
+    max_rows: int
+    run: Callable[[Any], list[tuple[str, Any]]]
+    dtype: Any
+    device: Any
+    scale: float = 1.0
+
+
+def check(case: Case, sizes: list[int]) -> Failure | None:
+    """The probe rows alone, then amid fixed random rows at every size; the first difference."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(SEED)
+    make = lambda n: (torch.randn(n, case.width, generator=gen) * case.scale).to(case.dtype).to(case.device)  # noqa: E731
+    probes = make(PROBE_ROWS)
+    alone = [case.run(probes[i:i + 1]) for i in range(PROBE_ROWS)]
+    for m in sizes:
+        if m > case.max_rows:
+            break
+        batch = make(m)
+        where = positions(m)
+        for i, pos in enumerate(where):
+            batch[pos] = probes[i]
+        outs = case.run(batch)
+        for i, pos in enumerate(where):
+            for (precision, got), (_, want) in zip(outs, alone[i]):
+                d = differing(got[pos:pos + 1], want)
+                if d:
+                    return Failure(case.kernel, case.name, case.shape, precision, m, pos, d, int(want.numel()))
+    return None
+
+
+def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
+    import torch
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    cases, seen = [], set()
+    for name, module in model.named_modules():
+        if type(module) is VocabParallelEmbedding:
+            continue  # a table lookup, never a GEMM (the lm_head is a ParallelLMHead)
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if weight is None or method is None or not hasattr(method, "apply") or weight.dim() != 2:
+            continue
+        if cpu and getattr(module, "cpu_linear", None) is None:
+            continue
+        bias = getattr(module, "bias", None)
+        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        if key in seen:
+            continue
+        seen.add(key)
+        n_out, k = weight.shape
+
+        def run(x, module=module, method=method, weight=weight, bias=bias):
+            outs = [(str(x.dtype).replace("torch.", ""), method.apply(module, x, bias))]
+            if cpu:
+                from invariant.kernels.cpu import gemm
+
+                outs.append(("fp32 sums", gemm.linear(x, weight, bias, out_dtype=torch.float32)))
+            return outs
+
+        cases.append(Case("gemm", name, f"K={k} N={n_out}", k, budget, run, weight.dtype, weight.device,
+                          scale=1.0))
+    return cases
+
+
+def _norm_cases(model, budget: int, hidden: int) -> list[Case]:
+    import torch
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    cases, seen = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, RMSNorm):
+            continue
+        weight = module.weight.data if module.has_weight else None
+        width = int(module.weight.shape[0]) if module.has_weight else hidden
+        dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+        device = weight.device if weight is not None else torch.device("cpu")
+        if (width, dtype) in seen:
+            continue
+        seen.add((width, dtype))
+        # q/k norms see one row per head: a token budget of rows times heads per token.
+        max_rows = budget * max(1, hidden // width)
+        forward = getattr(module, "_forward_method", None) or module.forward
+        twin = _fp32_twin(module, forward) if dtype != torch.float32 and device.type == "cpu" else None
+
+        def plain(x, forward=forward, twin=twin):
+            outs = [(str(x.dtype).replace("torch.", ""), forward(x))]
+            if twin is not None:
+                outs.append(("fp32", twin(x.float())))
+            return outs
+
+        def fused(x, forward=forward, twin=twin):
+            residual = torch.flip(x, dims=(-1,)).contiguous()  # a fixed, row-local residual
+            out, res = forward(x.clone(), residual.clone())
+            outs = [(str(x.dtype).replace("torch.", ""), out), ("residual", res)]
+            if twin is not None:
+                outs.append(("fp32", twin(x.float(), residual.float())[0]))
+            return outs
+
+        for kernel, run in (("rms_norm", plain), ("fused_add_rms_norm", fused)):
+            cases.append(Case(kernel, name, f"width={width}", width, max_rows, run, dtype, device))
+    return cases
+
+
+def _fp32_twin(module, forward):
+    """The same RMSNorm function on fp32 copies (a stand-in module holding an fp32 weight): the
+    reduction's own bits, not rounded to bf16, and nothing of the live module touched. None where
+    the bound forward is not a plain method (a compiled wrapper): then the served dtype is compared."""
+    import functools
+    from types import SimpleNamespace
+
+    fn = getattr(forward, "__func__", None)
+    if fn is None:
+        return None
+    weight = module.weight.detach().float() if module.has_weight else None
+    twin = SimpleNamespace(weight=weight, has_weight=module.has_weight, variance_epsilon=module.variance_epsilon,
+                           variance_size_override=getattr(module, "variance_size_override", None))
+    return functools.partial(fn, twin)
+
+
+def _logprob_cases(vocab: int, budget: int, device) -> list[Case]:
+    import torch
+    from vllm.v1.sample.sampler import Sampler
+
+    def run(x):
+        return [("float32", Sampler.compute_logprobs(x))]
+
+    return [Case("log_softmax", "sampler", f"vocab={vocab}", vocab, budget, run, torch.float32, device, scale=4.0)]
+
+
+def run_all(model, *, budget: int, vocab: int, hidden: int, cpu: bool) -> dict[str, Any]:
+    """Every case in this process; the first failure of each case, timings, sizes. Never raises for
+    a failed comparison: an exception inside a kernel is reported as that case's failure."""
+    import torch
+
+    start = time.perf_counter()
+    sizes = batch_sizes(budget)
+    device = next(model.parameters()).device
+    cases = _linear_cases(model, budget, cpu) + _norm_cases(model, budget, hidden) + \
+        _logprob_cases(vocab, budget, device)
+    checked, failures = [], []
+    with torch.inference_mode():
+        for case in cases:
+            t0 = time.perf_counter()
+            try:
+                failure = check(case, sizes)
+            except Exception as exc:  # noqa: BLE001 - a kernel that raises is a failed kernel
+                failures.append({"kernel": case.kernel, "name": case.name, "shape": case.shape, "batch": None,
+                                 "message": f"{case.kernel} ({case.name}, {case.shape}) raised: {exc}"})
+                continue
+            checked.append({"kernel": case.kernel, "name": case.name, "shape": case.shape,
+                            "seconds": round(time.perf_counter() - t0, 3)})
+            if failure is not None:
+                failures.append({**asdict(failure), "message": failure.message()})
+    return {"pid": os.getpid(), "ok": not failures, "failures": failures, "checked": checked,
+            "sizes": len(sizes), "budget": budget, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def in_model_process(worker: Any) -> dict[str, Any]:
+    """The RPC's body, inside a vLLM worker process."""
+    config = worker.vllm_config
+    model = worker.model_runner.get_model()
+    text = config.model_config.hf_text_config
+    return run_all(model, budget=int(config.scheduler_config.max_num_batched_tokens),
+                   vocab=int(text.vocab_size), hidden=int(text.hidden_size),
+                   cpu=config.device_config.device.type == "cpu")
+
+
+def install() -> None:
+    """Make :func:`in_model_process` callable by name through ``collective_rpc`` (plugin)."""
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    setattr(WorkerWrapperBase, RPC_METHOD, lambda wrapper: in_model_process(wrapper.worker))
+
+
+async def ask(engine_client) -> list[dict[str, Any]]:
+    """Every model process's result (the worker's edge to :func:`in_model_process`)."""
+    return list(await engine_client.collective_rpc(RPC_METHOD, timeout=600))
+
+
+def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of all processes' results, with a one-line message naming kernel and batch size."""
+    if not results:
+        return {"ok": False, "message": "kernel canary failed: no model process answered", "failures": []}
+    failures = [f for r in results for f in r.get("failures", [])]
+    seconds = max(float(r.get("seconds", 0.0)) for r in results)
+    checked = sum(len(r.get("checked", [])) for r in results)
+    if failures:
+        head = failures[0]["message"]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        return {"ok": False, "message": f"kernel canary failed: {head}{more}", "failures": failures,
+                "seconds": seconds}
+    return {"ok": True, "failures": [], "seconds": seconds, "cases": checked,
+            "message": f"kernel canary passed: {checked} kernel cases, each row alone = amid "
+                       f"{results[0].get('sizes')} batch sizes up to {results[0].get('budget')} rows, bitwise"}
