@@ -513,6 +513,11 @@ class Gateway:
         self._hot.move_to_end(key)
         return hot
 
+    def _drop_hot(self, model: str, fingerprint: str) -> None:
+        """Forget the hot responses of one model's numerics (after a failed replay among them)."""
+        for key in [k for k, e in self._hot.items() if e.model == model and e.fingerprint == fingerprint]:
+            self._hot.pop(key, None)
+
     def _hot_put(self, key: tuple, entry: HotEntry) -> None:
         self._hot[key] = entry
         self._hot.move_to_end(key)
@@ -571,7 +576,16 @@ class Gateway:
             same_ids = fresh.token_ids == stored.token_ids
             same_lp = fresh.logprobs == stored.logprobs
             self.metrics.verify.labels("match" if same_ids and same_lp else "mismatch").inc()
-            results.append({"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp})
+            result = {"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp}
+            if not (same_ids and same_lp):
+                # The entry is not what these numerics give: poisoned or corrupted. Never serve it
+                # again: out of Redis, this replica's copy and its hot responses; the next request
+                # for it regenerates.
+                result["evicted"] = await self.store.evict(key)
+                self._drop_hot(model, candidates[0].fingerprint or "")
+                log.warning("verify: entry %s of %s differs from its replay (token ids %s, logprobs %s): evicted",
+                            key, model, "match" if same_ids else "differ", "match" if same_lp else "differ")
+            results.append(result)
         return {"fingerprint": candidates[0].fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
 
@@ -664,7 +678,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
             kind = payload.get("kind", "completions")
             if kind not in PATHS:
                 raise RequestError("'kind' must be completions or chat")
-            return JSONResponse(await gateway.verify(kind, payload.get("request") or {}, tenant))
+            report = await gateway.verify(kind, payload.get("request") or {}, tenant)
+            # 409: a stored entry differs from its replay (it was evicted); 200: all stored ones match.
+            return JSONResponse(report, status_code=200 if report["match"] else 409)
         except (ValueError, RequestError) as exc:
             return openai_error(400, str(exc), "invalid_request_error")
         except UpstreamError as exc:

@@ -115,6 +115,13 @@ class Store:
         _, ok = await self._call("set", lambda: self._redis.set(key, raw, ex=ttl or None), None)
         return ok
 
+    async def evict(self, key: str) -> bool:
+        """Remove an entry that failed a replay (a poisoned or corrupted one) from Redis and from this
+        replica's copy; returns whether Redis took the delete. The next request regenerates it."""
+        self._l1.pop(key, None)
+        _, ok = await self._call("del", lambda: self._redis.delete(key), None)
+        return ok
+
     # --- single flight across replicas -------------------------------------------------------------
     async def lock(self, key: str, ttl_ms: int) -> str | None:
         """Take the generation lock of an entry; returns the token, or None if another holds it

@@ -133,9 +133,13 @@ def main() -> None:
     seeded = SamplingParams(temperature=0.8, seed=1234, max_tokens=steps, logprobs=0, ignore_eos=True)
 
     def run(prompts, params, at=0):
-        comp = llm.generate(prompts, params, use_tqdm=False)[at].outputs[0]
+        out = llm.generate(prompts, params, use_tqdm=False)[at]
+        comp = out.outputs[0]
         lps = [float(step[tok].logprob) for tok, step in zip(comp.token_ids, comp.logprobs)]
-        return {"token_ids": list(comp.token_ids), "logprobs": lps}
+        # What really happened, from vLLM's own accounting: prefix-cache hits and the prompt length
+        # (the tests check that each scenario is the one it claims to be).
+        return {"token_ids": list(comp.token_ids), "logprobs": lps, "cached_tokens": int(out.num_cached_tokens or 0),
+                "prompt_tokens": len(out.prompt_token_ids)}
 
     results = {}
     if budget >= 1024:
@@ -145,7 +149,10 @@ def main() -> None:
             llm.reset_prefix_cache()
             results[f"batch_{n}"] = run([prompt] + fillers[: n - 1], greedy)
         llm.reset_prefix_cache()  # cached blocks would shrink both prefills and the split with them
-        results["split_prefill"] = run(budget_head(llm, fillers, budget - SPLIT_AT) + [prompt], greedy, at=-1)
+        head = budget_head(llm, fillers, budget - SPLIT_AT)
+        results["split_prefill"] = run(head + [prompt], greedy, at=-1)
+        results["split_prefill"]["head_tokens"] = sum(len(h["prompt_token_ids"]) for h in head)
+        results["block_size"] = int(llm.llm_engine.vllm_config.cache_config.block_size)
         results["prefix_warm"] = run([prompt], greedy)
         llm.reset_prefix_cache()
         run([sibling], greedy)
@@ -160,6 +167,7 @@ def main() -> None:
         results["alone_chunked"] = run([prompt], greedy)
         llm.reset_prefix_cache()
         results["crowd_chunked"] = run(fillers[:7] + [prompt] + fillers[7:20], greedy, at=7)
+    results["budget"] = budget
     with open(out, "w") as fh:
         json.dump(results, fh)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import engine_run
 from invariant.modelmaker import ModelSpec, make_model
 
 pytestmark = pytest.mark.engine
@@ -80,14 +81,36 @@ def test_seeded_sampling_bitwise_equal_across_batch_sizes(runs, n):
     assert_same(runs["full"][f"seeded_{n}"], seeded, f"{runs['dtype']} seeded batch {n}")
 
 
+def assert_scenarios_happened(full: dict, chunked: dict | None = None) -> None:
+    """Each scenario is what it claims, by vLLM's own accounting (RequestOutput.num_cached_tokens,
+    the prompt's token count): a run where the prefix cache never hit, or no prefill was split,
+    must not pass as a proof."""
+    block = full["block_size"]
+    assert full["alone"]["cached_tokens"] == 0 and full["alone"]["prompt_tokens"] > block
+    assert full["prefix_warm"]["cached_tokens"] >= block, "the warm prefix was not served from the cache"
+    assert 0 < full["prefix_shared"]["cached_tokens"] < full["prefix_shared"]["prompt_tokens"], \
+        "the shared prefix was not (partly) served from the cache"
+    split = full["split_prefill"]
+    assert split["head_tokens"] == full["budget"] - engine_run.SPLIT_AT and split["cached_tokens"] == 0
+    assert split["prompt_tokens"] > engine_run.SPLIT_AT  # so FCFS must split it at SPLIT_AT
+    if chunked is not None:
+        assert chunked["alone_chunked"]["prompt_tokens"] > chunked["budget"] == SMALL_BUDGET
+
+
+def test_the_scenarios_really_happened(runs):
+    assert_scenarios_happened(runs["full"], runs["chunked"])
+
+
 @pytest.mark.parametrize("case", ["prefix_warm", "prefix_shared"])
 def test_cached_prefix_gives_the_same_bits(runs, case):
+    assert runs["full"][case]["cached_tokens"] > 0, f"{case}: the prefix cache was not hit"
     assert_same(runs["full"][case], runs["full"]["alone"], f"{runs['dtype']} {case}")
 
 
 @pytest.mark.parametrize("case", ["alone_chunked", "crowd_chunked"])
 def test_chunked_prefill_gives_the_same_bits(runs, case):
     """Split at 48-token steps alone, elsewhere in a crowd, or not at all: the same bits."""
+    assert runs["chunked"][case]["prompt_tokens"] > SMALL_BUDGET
     assert_same(runs["chunked"][case], runs["full"]["alone"], f"{runs['dtype']} {case}")
 
 
@@ -97,13 +120,49 @@ def test_a_prefill_split_by_a_full_step_gives_the_same_bits(runs):
     assert_same(runs["full"]["split_prefill"], runs["full"]["alone"], f"{runs['dtype']} split prefill")
 
 
-def test_control_without_plugin_detects_variance(tmp_path):
-    """Control: the same scenarios, plugin off, vLLM's fallback GEMM, fp32: the batch shows."""
-    model = make_model(tmp_path / "model", ModelSpec(dtype="float32"))
-    res = run_engine(model, "stock", 2048, tmp_path / "stock.json",
-                     PYTHONPATH=str(HERE / "hooks"), INVARIANT_TEST_STOCK_GEMM="torch")
-    varied = [n for n in BATCH_SIZES if res[f"batch_{n}"]["logprobs"] != res["alone"]["logprobs"]]
-    seeded_varied = [n for n in BATCH_SIZES if res[f"seeded_{n}"]["logprobs"] != res["seeded_alone"]["logprobs"]]
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    """The controls' engines: plugin off, vLLM's fallback GEMM, fp32 (batch-variant on every x86 we
+    measured), one with the large budget and one with the small one."""
+    root = tmp_path_factory.mktemp("stock")
+    model = make_model(root / "model", ModelSpec(dtype="float32"))
+    env = {"PYTHONPATH": str(HERE / "hooks"), "INVARIANT_TEST_STOCK_GEMM": "torch"}
+    return {"full": run_engine(model, "stock", 2048, root / "stock.json", **env),
+            "chunked": run_engine(model, "stock", SMALL_BUDGET, root / "stock-chunked.json", **env)}
+
+
+def differs(got: dict, ref: dict) -> bool:
+    return got["token_ids"] != ref["token_ids"] or got["logprobs"] != ref["logprobs"]
+
+
+def test_control_the_stock_scenarios_happened_too(stock):
+    assert_scenarios_happened(stock["full"], stock["chunked"])
+
+
+def test_control_without_plugin_detects_batch_variance(stock):
+    """Control of the batch-size tests: the same scenarios, plugin off, fallback GEMM, fp32."""
+    res = stock["full"]
+    varied = [n for n in BATCH_SIZES if differs(res[f"batch_{n}"], res["alone"])]
+    seeded_varied = [n for n in BATCH_SIZES if differs(res[f"seeded_{n}"], res["seeded_alone"])]
     assert varied, "stock vLLM showed no batch variance: the control cannot tell invariance from luck"
     assert seeded_varied, "stock vLLM showed no seeded batch variance"
-    assert res["split_prefill"] != res["alone"], "stock vLLM showed no variance behind a full step"
+    assert res["seeded_alone"]["token_ids"] != res["alone"]["token_ids"], "the seeded request did not sample"
+
+
+def test_control_without_plugin_a_cached_prefix_changes_the_bits(stock):
+    """Control of test_cached_prefix_gives_the_same_bits: with the prefix served from the cache the
+    stock engine prefills fewer rows, and its GEMM picks other kernels for them."""
+    res = stock["full"]
+    assert [c for c in ("prefix_warm", "prefix_shared") if differs(res[c], res["alone"])], \
+        "stock vLLM gave the same bits with and without the prefix cache: the prefix test proves nothing"
+
+
+def test_control_without_plugin_chunked_prefill_changes_the_bits(stock):
+    """Control of test_chunked_prefill_gives_the_same_bits: a prefill split into 48-token steps."""
+    assert [c for c in ("alone_chunked", "crowd_chunked") if differs(stock["chunked"][c], stock["full"]["alone"])], \
+        "stock vLLM gave the same bits chunked and in one step: the chunked-prefill test proves nothing"
+
+
+def test_control_without_plugin_a_split_prefill_changes_the_bits(stock):
+    assert differs(stock["full"]["split_prefill"], stock["full"]["alone"]), \
+        "stock vLLM showed no variance behind a full step"

@@ -41,11 +41,19 @@ def test_stream_and_response_carry_the_same_content():
 
 
 def test_stream_is_canonical_one_chunk_per_token():
+    """The exact bytes of a replayed stream: one chunk per token piece, then the finish chunk and
+    [DONE], compact JSON, the entry's fingerprint; what a client sees from a HIT, byte for byte."""
     chunks = list(render_stream("completions", [record()], request_id="r", model="m", created=1,
                                 want_logprobs=False, want_token_ids=False, include_usage=False))
-    assert len(chunks) == 3 + 1 + 1  # tokens, finish, [DONE]
-    assert chunks == list(render_stream("completions", [record()], request_id="r", model="m", created=1,
-                                        want_logprobs=False, want_token_ids=False, include_usage=False))
+    head = b'data: {"id":"r","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    tail = b'"system_fingerprint":"inv-x"}\n\n'
+    assert chunks == [
+        head + b'"finish_reason":null,"text":"Hello","logprobs":null}],' + tail,
+        head + b'"finish_reason":null,"text":" world","logprobs":null}],' + tail,
+        head + b'"finish_reason":null,"text":"!","logprobs":null}],' + tail,
+        head + b'"finish_reason":"stop","stop_reason":null,"text":""}],' + tail,
+        b"data: [DONE]\n\n",
+    ]
 
 
 def test_prefix_rules():
@@ -66,8 +74,21 @@ def test_unspellable_tokens_are_never_truncated():
 
 
 def test_etag_is_the_token_ids():
-    assert etag([[1, 2]]) == etag([[1, 2]]) != etag([[1, 3]])
-    assert Record.loads(record().dumps()) == record()
+    """A strong ETag over the token ids alone (a client can compare two answers without the text):
+    SHA-256 of their compact JSON, choices kept apart."""
+    import hashlib
+
+    assert etag([[1, 2]]) == '"' + hashlib.sha256(b"[[1,2]]").hexdigest() + '"'
+    assert etag([[1, 2]]) != etag([[1, 3]])
+    assert etag([[1], [2]]) != etag([[1, 2]])  # the choice boundary counts
+    assert etag([[5, 6, 7]]) == etag([record().token_ids]) == etag([record(text="other").token_ids])
+
+
+def test_a_record_survives_its_redis_bytes():
+    rec = record()
+    raw = rec.dumps()
+    assert json.loads(raw)["token_ids"] == [5, 6, 7] and b": " not in raw and b", " not in raw  # compact
+    assert Record.loads(raw) == rec and Record.loads(raw.decode()) == rec
 
 
 # --- live generations (pure): chunks as vLLM 0.32 streams them, recorded from a real worker ----------

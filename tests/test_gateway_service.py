@@ -202,7 +202,11 @@ def test_fifty_concurrent_identical_requests_make_one_generation(gateway, worker
 
     responses = asyncio.run(crowd())
     assert gateway.upstream_calls() - before == 1
-    assert {r.json()["choices"][0]["text"] for r in responses} and len({r.headers["etag"] for r in responses}) == 1
+    # every one of the fifty got the one generation: the worker's own answer, byte for byte in its choice
+    direct = httpx.post(f"{worker.url}/v1/completions", json=body, timeout=120).json()["choices"][0]
+    choices = [r.json()["choices"][0] for r in responses]
+    assert all(c["text"] == direct["text"] and c["finish_reason"] == direct["finish_reason"] for c in choices)
+    assert direct["text"] and len({r.headers["etag"] for r in responses}) == 1
     outcomes = [r.headers["x-invariant-cache"] for r in responses]
     assert outcomes.count("MISS") == 1 and set(outcomes) <= {"MISS", "COALESCED", "HIT"}
 
@@ -257,12 +261,96 @@ def test_errors_are_openai_shaped_and_never_cached(gateway, worker):
     assert garbage.status_code == 400 and garbage.json()["error"]["message"] == "The request body is not valid JSON."
 
 
+def test_spellings_of_one_request_share_an_entry(gateway, worker):
+    """The same request in other bytes (whitespace, key order, escapes, number spelling) is the same
+    entry: the first spelling generates, the others are HITs with the same bytes of content."""
+    spellings = [
+        '{"model": "%s", "prompt": "Spell me caf\\u00e9", "max_tokens": 6, "temperature": 0}',
+        '{"temperature":0.0,"max_tokens":6,"prompt":"Spell me café","model":"%s"}',
+        '{\n  "max_tokens" : 6,\n  "model" : "%s",\n  "prompt" : "Spell me caf\\u00e9",\n  "temperature" : -0.0\n}',
+    ]
+    raws = [(sp % worker.name).encode() for sp in spellings]
+    assert len({json.dumps(json.loads(r), sort_keys=True) for r in raws[:2]}) == 1
+    outcomes, texts = [], set()
+    for raw in raws:
+        res = httpx.post(f"{gateway.url}/v1/completions", content=raw, timeout=120,
+                         headers={"content-type": "application/json"})
+        assert res.status_code == 200, res.text
+        outcomes.append(res.headers["x-invariant-cache"])
+        texts.add((res.json()["choices"][0]["text"], res.headers["etag"]))
+    assert outcomes == ["MISS", "HIT", "HIT"] and len(texts) == 1
+
+
+def verify_counts(gw) -> dict[str, float]:
+    text = httpx.get(f"{gw.url}/metrics").text
+    return {m[0]: float(m[1]) for m in re.findall(r'invariant_gateway_verify_total\{result="(\w+)"\} ([0-9.e+]+)', text)}
+
+
+def redis_cli(server, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(server.port), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def test_verify_replays_an_entry_bitwise(gateway, worker):
     body = dict(model=worker.name, prompt="Verify me", max_tokens=8, temperature=0)
     post(gateway, **body)
-    report = httpx.post(f"{gateway.url}/invariant/verify", json={"kind": "completions", "request": body},
-                        timeout=120).json()
-    assert report["match"] is True and report["results"][0]["token_ids_match"] is True
+    res = httpx.post(f"{gateway.url}/invariant/verify", json={"kind": "completions", "request": body}, timeout=120)
+    report = res.json()
+    assert res.status_code == 200 and report["match"] is True, report
+    assert report["results"][0]["token_ids_match"] is True and report["results"][0]["logprobs_match"] is True
+
+
+@pytest.mark.parametrize("tamper", ["token_ids", "logprobs"])
+def test_verify_reports_a_tampered_entry_and_evicts_it(worker_pair, redis_server, tmp_path, tamper):
+    """Control of the test above: an entry altered in Redis is a mismatch (409, counted), is
+    evicted, and the next request regenerates the true bits."""
+    writer = Gateway(worker_pair, redis_server.url, tmp_path)
+    name = worker_pair[0].name
+    body = dict(model=name, prompt=f"Tamper with my {tamper}", max_tokens=8, temperature=0, logprobs=1,
+                return_token_ids=True)
+    try:
+        first = post(writer, **body)
+        assert first.headers["x-invariant-cache"] == "MISS"
+    finally:
+        writer.stop()
+    truth = first.json()["choices"][0]
+    entries = {}
+    for k in redis_cli(redis_server, "--scan", "--pattern", "inv:*").split():
+        if redis_cli(redis_server, "TYPE", k).strip() == "string":
+            try:
+                entries[k] = json.loads(redis_cli(redis_server, "GET", k))
+            except ValueError:
+                continue  # a lock token, not an entry
+    [key] = [k for k, e in entries.items() if isinstance(e, dict) and e.get("token_ids") == truth["token_ids"]]
+    entry = json.loads(redis_cli(redis_server, "GET", key))
+    if tamper == "token_ids":
+        entry["token_ids"][3] = (entry["token_ids"][3] + 1) % 1000
+    else:
+        entry["logprobs"]["token_logprobs"][2] = entry["logprobs"]["token_logprobs"][2] - 2.0**-20
+    redis_cli(redis_server, "SET", key, json.dumps(entry))
+    gw = Gateway(worker_pair, redis_server.url, tmp_path)  # a replica without the true entry in memory
+    try:
+        poisoned = post(gw, **body)
+        assert poisoned.headers["x-invariant-cache"] == "HIT"  # the tampered entry is served until checked
+        assert poisoned.json()["choices"][0][tamper if tamper == "token_ids" else "logprobs"] != \
+            truth[tamper if tamper == "token_ids" else "logprobs"]
+        before = verify_counts(gw)
+        res = httpx.post(f"{gw.url}/invariant/verify", json={"kind": "completions", "request": body}, timeout=120)
+        report = res.json()
+        assert res.status_code == 409 and report["match"] is False, report
+        [r] = report["results"]
+        assert r[f"{tamper}_match"] is False and r["evicted"] is True, r
+        assert verify_counts(gw).get("mismatch", 0) == before.get("mismatch", 0) + 1
+        assert redis_cli(redis_server, "EXISTS", key).strip() == "0"
+        again = post(gw, **body)
+        assert again.headers["x-invariant-cache"] == "MISS"  # regenerated, not the hot or local copy
+        assert again.json()["choices"][0]["token_ids"] == truth["token_ids"]
+        assert again.json()["choices"][0]["logprobs"] == truth["logprobs"]
+        assert json.loads(redis_cli(redis_server, "GET", key))["token_ids"] == truth["token_ids"]
+        ok = httpx.post(f"{gw.url}/invariant/verify", json={"kind": "completions", "request": body}, timeout=120)
+        assert ok.status_code == 200 and ok.json()["match"] is True
+    finally:
+        gw.stop()
 
 
 def test_redis_down_then_back(worker_pair, tmp_path):
@@ -304,8 +392,12 @@ def test_auth_and_tenant_isolation(worker_pair, redis_server, tmp_path):
         assert post(gw, headers=b, **body).headers["x-invariant-cache"] == "MISS"  # never A's entry
         stored = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan", "--pattern", "inv:v1:t:*"],
                                 capture_output=True, text=True).stdout
-        assert "key-a" not in keys.read_text()  # keys are stored hashed
-        assert ":t:a:" in stored and ":t:b:" in stored
+        assert ":t:a:" in stored and ":t:b:" in stored  # entries are namespaced by tenant name
+        # the API keys themselves appear nowhere the gateway writes: Redis keys, entries, its log
+        dump = stored + "".join(redis_cli(redis_server, "GET", k) for k in stored.split()
+                                if redis_cli(redis_server, "TYPE", k).strip() == "string")
+        written = dump + gw.log.read_text()
+        assert "key-a" not in written and "key-b" not in written
     finally:
         gw.stop()
 

@@ -165,6 +165,9 @@ def test_lifecycle(operator):
                  what="new pod serving")
         status = status_of("qwen")
         assert status["declaredFingerprint"] == FP_B  # new pins, new numerics
+        # the status describes the edited spec: generation 2 (the emulator bumps it on spec changes)
+        assert dm("qwen")["metadata"]["generation"] == 2
+        wait_for(lambda: status_of("qwen").get("observedGeneration") == 2, what="observedGeneration 2")
         assert {e["pod"]: e["fingerprint"] for e in status["endpoints"]} == {
             "qwen-worker-1": FP_A, "qwen-worker-2": FP_A, "qwen-worker-3": FP_B}
 

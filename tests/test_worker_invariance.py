@@ -74,11 +74,21 @@ def stock_fp32_worker(tmp_path_factory):
         stock.stop()
 
 
-def test_control_the_same_crowds_vary_without_invariance(stock_fp32_worker):
+@pytest.mark.parametrize("params", [{"temperature": 0}, {"temperature": 0.8, "seed": 4242}], ids=["greedy", "seeded"])
+def test_control_the_same_crowds_vary_without_invariance(stock_fp32_worker, params):
     url, name = stock_fp32_worker.url, stock_fp32_worker.name
-    alone = asyncio.run(crowd_run(url, name, 1, {"temperature": 0}, seed=0))
-    varied = [n for n in CROWDS if asyncio.run(crowd_run(url, name, n, {"temperature": 0}, seed=n)) != alone]
-    assert varied, "no crowd changed the stock worker's bits: the HTTP invariance test proves nothing"
+    alone = asyncio.run(crowd_run(url, name, 1, params, seed=0))
+    if "seed" in params:  # the seeded request really sampled: not the greedy answer
+        greedy = asyncio.run(crowd_run(url, name, 1, {"temperature": 0}, seed=0))
+        assert alone["token_ids"] != greedy["token_ids"], "temperature 0.8 gave the greedy tokens"
+    varied = [n for n in CROWDS if asyncio.run(crowd_run(url, name, n, params, seed=n)) != alone]
+    assert varied, f"no crowd changed the stock worker's {params} bits: the HTTP invariance test proves nothing"
+
+
+def test_the_seeded_request_really_samples(worker):
+    seeded = asyncio.run(crowd_run(worker.url, worker.name, 1, {"temperature": 0.8, "seed": 4242}, seed=0))
+    greedy = asyncio.run(crowd_run(worker.url, worker.name, 1, {"temperature": 0}, seed=0))
+    assert seeded["token_ids"] != greedy["token_ids"]
 
 
 def test_canary_passed_on_the_invariant_worker(worker):
