@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--name", default="canary_cost")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the results go (default docs/results)")
     args = ap.parse_args()
     from invariant.modelmaker import ModelSpec, make_model
 
@@ -73,8 +74,9 @@ def main() -> None:
                      "runs": {"stock": runs[False], "invariant": runs[True]}})
     meta = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine.describe(), "reps": args.reps}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     head = ("| model | stock start s | invariant start s | invariant / stock | kernel canary s | "
             "end-to-end canary s | canaries' share of the start |")
     lines = ["# Start-up canaries: their cost in the worker's start", "",
@@ -85,7 +87,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['stock_start_s']:.1f} | {r['invariant_start_s']:.1f} | "
                      f"{r['start_ratio']:.2f}x | {r['kernel_canary_s']:.2f} | {r['canary_s']:.2f} | "
                      f"{r['canary_share'] * 100:.1f}% |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     import matplotlib
 
@@ -106,7 +108,7 @@ def main() -> None:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(meta["machine"], fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
+    fig.savefig(out / f"{args.name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -100,9 +100,12 @@ class Case:
     scale: float = 1.0
 
 
-def check(case: Case, sizes: list[int]) -> Failure | None:
-    """The probe rows alone, then amid fixed random rows at every size; the first difference."""
+def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
+    """The probe rows alone, then amid fixed random rows at every size (by default the ladder up
+    to the case's own row limit); the first difference."""
     import torch
+
+    sizes = batch_sizes(case.max_rows) if sizes is None else sizes
 
     gen = torch.Generator(device="cpu").manual_seed(SEED)
     make = lambda n: (torch.randn(n, case.width, generator=gen) * case.scale).to(case.dtype).to(case.device)  # noqa: E731
@@ -233,7 +236,6 @@ def run_all(model, *, budget: int, vocab: int, hidden: int, cpu: bool) -> dict[s
     import torch
 
     start = time.perf_counter()
-    sizes = batch_sizes(budget)
     device = next(model.parameters()).device
     cases = _linear_cases(model, budget, cpu) + _norm_cases(model, budget, hidden) + \
         _logprob_cases(vocab, budget, device)
@@ -242,7 +244,7 @@ def run_all(model, *, budget: int, vocab: int, hidden: int, cpu: bool) -> dict[s
         for case in cases:
             t0 = time.perf_counter()
             try:
-                failure = check(case, sizes)
+                failure = check(case)
             except Exception as exc:  # noqa: BLE001 - a kernel that raises is a failed kernel
                 failures.append({"kernel": case.kernel, "name": case.name, "shape": case.shape, "batch": None,
                                  "message": f"{case.kernel} ({case.name}, {case.shape}) raised: {exc}"})
@@ -252,7 +254,7 @@ def run_all(model, *, budget: int, vocab: int, hidden: int, cpu: bool) -> dict[s
             if failure is not None:
                 failures.append({**asdict(failure), "message": failure.message()})
     return {"pid": os.getpid(), "ok": not failures, "failures": failures, "checked": checked,
-            "sizes": len(sizes), "budget": budget, "seconds": round(time.perf_counter() - start, 3)}
+            "sizes": len(batch_sizes(budget)), "budget": budget, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def in_model_process(worker: Any) -> dict[str, Any]:
