@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 
 from invariant.determinism import KEEPALIVE_EXPIRY_S, RETRY_ATTEMPTS
+from invariant.contract import routes
+from invariant.contract.worker_argv import worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -36,10 +38,8 @@ PORTS = {False: 8197, True: 8198}  # stock, invariant
 
 def start(model: Path, invariance: bool, log: Path) -> subprocess.Popen:
     port = PORTS[invariance]
-    cmd = [sys.executable, "-m", "invariant", "worker", "--model", str(model), "--port", str(port),
-           "--served-model-name", "m", "--max-model-len", "1024"]
-    if not invariance:
-        cmd.append("--no-invariance")
+    cmd = [sys.executable, "-m", "invariant",
+           *worker_argv(str(model), port=port, served_model_name="m", max_model_len=1024, invariance=invariance)]
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONSAFEPATH": "1"})
@@ -48,7 +48,7 @@ def start(model: Path, invariance: bool, log: Path) -> subprocess.Popen:
         if proc.poll() is not None:
             raise SystemExit(f"worker exited; log {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/invariant/ready", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{routes.READY}", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import httpx
+from invariant.contract import routes
+from invariant.contract.worker_argv import worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -94,11 +96,11 @@ def main() -> None:
         redis_url = f"redis://127.0.0.1:{rport}/0"
         procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--maxmemory", "256mb",
                                        "--maxmemory-policy", "allkeys-lru"], stdout=subprocess.DEVNULL))
-        procs.append(subprocess.Popen([sys.executable, "-m", "invariant", "worker", "--model", str(model), "--port",
-                                       str(wport), "--served-model-name", "tiny"], stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen([sys.executable, "-m", "invariant",
+                                       *worker_argv(str(model), port=wport, served_model_name="tiny")], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
         print("starting worker ...", flush=True)
-        wait_http(f"http://127.0.0.1:{wport}/invariant/ready")
+        wait_http(f"http://127.0.0.1:{wport}{routes.READY}")
         procs.append(subprocess.Popen([sys.executable, "-m", "invariant", "gateway", "--port", str(gport), "--model",
                                        f"tiny=http://127.0.0.1:{wport}", "--redis-url", redis_url],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from invariant.contract import routes
 from invariant.processes import WorkerStartError, start_worker, stop_all, wait_ready
 
 PROMPT = "A reproducible answer depends on the request and the numerics, never on the batch."
@@ -70,7 +71,7 @@ def main() -> None:
         result["ready"] = ready
         print("ready:", json.dumps(ready)[:600], result.get("error", ""), flush=True)
         if ready is not None:
-            fp = httpx.get(f"{url}/invariant/fingerprint", timeout=10).json()
+            fp = httpx.get(f"{url}{routes.FINGERPRINT}", timeout=10).json()
             parts = fp.get("parts", {})
             result["fingerprint"] = fp.get("fingerprint")
             result["parts"] = {k: parts.get(k) for k in ("device", "kernels", "versions", "invariance")}

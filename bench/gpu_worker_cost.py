@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from invariant.contract import routes
 from invariant.processes import start_worker, stop_all, wait_ready
 
 CONCURRENCY = (1, 8, 64)
@@ -92,7 +93,7 @@ def measure(model: str, out: Path) -> dict:
         try:
             t0 = time.monotonic()
             ready = wait_ready(proc, url, log, timeout=900)
-            fp = httpx.get(f"{url}/invariant/fingerprint", timeout=5).json()
+            fp = httpx.get(f"{url}{routes.FINGERPRINT}", timeout=5).json()
             meta[label] = {"ready_s": round(time.monotonic() - t0, 1), "canary": ready.get("canary"),
                            "fingerprint": fp["fingerprint"], "kernels": fp["parts"]["kernels"]}
             meta.setdefault("device", fp["parts"]["device"])

@@ -30,6 +30,7 @@ from invariant.gateway.metrics import Metrics
 from invariant.gateway.records import Record, covers, etag, record_from_choice, render_response, render_stream, truncate
 from invariant.gateway.store import Store
 from invariant.gateway.upstream import Endpoint, UpstreamError, UpstreamRejected, Upstreams
+from invariant.contract import cache as cache_policy, routes
 
 log = logging.getLogger("invariant.gateway")
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -37,8 +38,8 @@ PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 @dataclass
 class ModelPolicy:
-    ttl_seconds: int = 86400
-    sharing: str = "tenant"  # or "shared": one namespace for all tenants (explicit opt-in)
+    ttl_seconds: int = cache_policy.DEFAULT_TTL_SECONDS
+    sharing: str = cache_policy.DEFAULT_SHARING  # or SHARING_SHARED: one namespace for all tenants (opt-in)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None,
 
 def cache_namespace(policy: ModelPolicy, tenant: Tenant) -> str:
     """Per tenant unless the model opted into sharing (a shared exact cache is a timing side channel)."""
-    return "shared" if policy.sharing == "shared" else f"t:{tenant.name}"
+    return "shared" if policy.sharing == cache_policy.SHARING_SHARED else f"t:{tenant.name}"
 
 
 class RateLimiter:
@@ -668,7 +669,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/invariant/verify")
+    @app.post(routes.VERIFY)
     async def verify(request: Request) -> Response:
         tenant = config.api_keys.tenant_for(request.headers.get("authorization"))
         if tenant is None:

@@ -14,9 +14,10 @@ from typing import Any
 
 from invariant.gateway.app import Gateway, ModelPolicy
 from invariant.gateway.upstream import Endpoint
+from invariant.contract import cache as contract_cache, crd
 
 log = logging.getLogger("invariant.gateway")
-GROUP, VERSION, PLURAL = "invariant.dev", "v1alpha1", "deterministicmodels"
+GROUP, VERSION, PLURAL = crd.GROUP, crd.VERSION, crd.PLURAL
 
 
 def routes_from_objects(items: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, ModelPolicy]]:
@@ -29,8 +30,8 @@ def routes_from_objects(items: list[dict[str, Any]]) -> tuple[dict[str, list[str
         urls = [e["url"] for e in status.get("endpoints") or [] if e.get("url")]
         models.setdefault(name, []).extend(urls)
         cache = spec.get("cache") or {}
-        policies[name] = ModelPolicy(ttl_seconds=int(cache.get("ttlSeconds", 86400)),
-                                     sharing=cache.get("sharing", "tenant"))
+        policies[name] = ModelPolicy(ttl_seconds=int(cache.get("ttlSeconds", contract_cache.DEFAULT_TTL_SECONDS)),
+                                     sharing=cache.get("sharing", contract_cache.DEFAULT_SHARING))
     return models, policies
 
 

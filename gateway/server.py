@@ -10,6 +10,7 @@ from typing import Any
 
 from invariant.gateway.app import GatewayConfig, ModelPolicy, create_app
 from invariant.gateway.auth import KeyStore
+from invariant.contract import cache as cache_policy
 
 log = logging.getLogger("invariant.gateway")
 EMBEDDED_MAXMEMORY = "256mb"
@@ -55,10 +56,11 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
             raise GatewayConfigError(f"model {name!r} in {config_file} has no urls")
         models.setdefault(name, []).extend(urls)
         if isinstance(spec, dict):
-            sharing = spec.get("sharing", "tenant")
-            if sharing not in ("tenant", "shared"):
-                raise GatewayConfigError(f"model {name!r}: sharing must be tenant or shared")
-            policies[name] = ModelPolicy(ttl_seconds=int(spec.get("ttl_seconds", 86400)), sharing=sharing)
+            sharing = spec.get("sharing", cache_policy.DEFAULT_SHARING)
+            if sharing not in cache_policy.SHARING:
+                raise GatewayConfigError(f"model {name!r}: sharing must be {' or '.join(cache_policy.SHARING)}")
+            policies[name] = ModelPolicy(ttl_seconds=int(spec.get("ttl_seconds", cache_policy.DEFAULT_TTL_SECONDS)),
+                                         sharing=sharing)
     if discover not in (None, "kubernetes"):
         raise GatewayConfigError(f"--discover {discover!r}: only kubernetes is supported")
     if not models and not discover:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import httpx
+from invariant.contract import routes
 
 log = logging.getLogger("invariant.gateway")
 
@@ -54,10 +55,10 @@ class Upstreams:
 
     async def check(self, ep: Endpoint) -> None:
         try:
-            ready = await self.client.get(f"{ep.url}/invariant/ready", timeout=2.0)
-            info = (await self.client.get(f"{ep.url}/invariant/fingerprint", timeout=2.0)).json()
-            ep.fingerprint = info["fingerprint"]
-            ep.defaults = info.get("sampling_defaults") or {}
+            ready = await self.client.get(f"{ep.url}{routes.READY}", timeout=2.0)
+            info = (await self.client.get(f"{ep.url}{routes.FINGERPRINT}", timeout=2.0)).json()
+            ep.fingerprint = info[routes.F_FINGERPRINT]
+            ep.defaults = info.get(routes.F_SAMPLING_DEFAULTS) or {}
             ep.healthy = ready.status_code == 200
             ep.error = "" if ep.healthy else f"not ready: {ready.json().get('reasons')}"
         except (httpx.HTTPError, ValueError, KeyError) as exc:

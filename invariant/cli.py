@@ -99,7 +99,7 @@ def _up(args: argparse.Namespace) -> None:
 
 def _gateway(args: argparse.Namespace) -> None:
     from invariant.gateway.server import GatewayConfigError, run
-    from invariant.net import PortError, check_port_free
+    from invariant.contract.net import PortError, check_port_free
 
     try:
         check_port_free(args.host, args.port)

@@ -234,7 +234,7 @@ def write_report(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from invariant.net import PortError, check_port_free
+    from invariant.contract.net import PortError, check_port_free
     from invariant.up import ensure_default_model, state_dir
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+from invariant.contract import routes
+from invariant.contract.worker_argv import worker_argv
 
 
 class WorkerStartError(RuntimeError):
@@ -19,8 +21,8 @@ class WorkerStartError(RuntimeError):
 def start_worker(model: Path | str, port: int, log: Path, *extra: str, name: str = "bench",
                  max_model_len: int = 2048) -> subprocess.Popen:
     """``invariant worker`` on loopback in its own session, output into ``log``."""
-    cmd = [sys.executable, "-m", "invariant", "worker", "--model", str(model), "--port", str(port),
-           "--served-model-name", name, "--max-model-len", str(max_model_len), *extra]
+    cmd = [sys.executable, "-m", "invariant",
+           *worker_argv(str(model), port=port, served_model_name=name, max_model_len=max_model_len), *extra]
     with Path(log).open("wb") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONSAFEPATH": "1"})
@@ -35,7 +37,7 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600
         if proc.poll() is not None:
             raise WorkerStartError(f"worker exited ({proc.returncode}); log: {log}")
         try:
-            res = httpx.get(f"{url}/invariant/ready", timeout=2)
+            res = httpx.get(f"{url}{routes.READY}", timeout=2)
             body = res.json()
             if res.status_code == 200:
                 return body

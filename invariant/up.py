@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 
 from invariant.processes import stop_all
+from invariant.contract import routes
+from invariant.contract.worker_argv import worker_argv
 
 DEFAULT_MODEL_NAME = "qwen3-tiny-bf16-seed0"
 # Children run `python -m invariant`: keep the current directory off sys.path, so a checkout's
@@ -46,15 +48,10 @@ def ensure_default_model(root: Path) -> Path:
 
 
 def worker_command(args: argparse.Namespace, model: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "invariant", "worker", "--model", str(model), "--host", args.host,
-           "--port", str(args.port), "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
-    if args.max_model_len:
-        cmd += ["--max-model-len", str(args.max_model_len)]
-    if args.served_model_name:
-        cmd += ["--served-model-name", args.served_model_name]
-    if args.no_invariance:
-        cmd += ["--no-invariance"]
-    return cmd
+    return [sys.executable, "-m", "invariant",
+            *worker_argv(str(model), host=args.host, port=args.port, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
+                         max_model_len=args.max_model_len or None, served_model_name=args.served_model_name or None,
+                         invariance=not args.no_invariance)]
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -65,7 +62,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, *,
-               path: str = "/invariant/ready", what: str = "worker") -> dict:
+               path: str = routes.READY, what: str = "worker") -> dict:
     """Poll ``path`` until 200; fail fast if the process exits."""
     deadline = time.monotonic() + timeout
     spinner = "|/-\\"
@@ -94,7 +91,7 @@ def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float,
 
 
 def up(args: argparse.Namespace) -> None:
-    from invariant.net import PortError, check_port_free
+    from invariant.contract.net import PortError, check_port_free
 
     root = state_dir(args.state_dir)
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from invariant.engine_args import GPU_GEMMS
+from invariant.contract.engine_args import GPU_GEMMS
 from invariant.operator.spec import API_GROUP, API_VERSION, DTYPES, KIND, PLURAL, SHARING
+from invariant.contract import cache as cache_policy, fingerprint
 
 
 def _condition_schema() -> dict[str, Any]:
@@ -72,7 +73,7 @@ def spec_schema() -> dict[str, Any]:
                     "gemm": {"type": "string", "enum": list(GPU_GEMMS), "default": "vllm",
                              "description": "Whose GEMM the worker runs: vLLM's invariant Triton matmul or "
                                             "invariant's (faster on H100; docs/gpu-vllm.md). Part of the fingerprint."},
-                    "expectedFingerprint": {"type": "string", "pattern": "^inv-[0-9a-f]{16}$",
+                    "expectedFingerprint": {"type": "string", "pattern": fingerprint.PATTERN,
                                             "description": "Optional: the exact numerics fingerprint to require."},
                 },
             },
@@ -85,8 +86,8 @@ def spec_schema() -> dict[str, Any]:
             "cache": {
                 "type": "object",
                 "properties": {
-                    "ttlSeconds": {"type": "integer", "minimum": 0, "default": 86400},
-                    "sharing": {"type": "string", "enum": list(SHARING), "default": "tenant",
+                    "ttlSeconds": {"type": "integer", "minimum": 0, "default": cache_policy.DEFAULT_TTL_SECONDS},
+                    "sharing": {"type": "string", "enum": list(SHARING), "default": cache_policy.DEFAULT_SHARING,
                                 "description": "tenant: one cache namespace per tenant; shared: opt-in across tenants."},
                 },
             },

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from invariant.operator.render import FIELD_MANAGER
+from invariant.contract import routes
 
 log = logging.getLogger("invariant.operator")
 
@@ -52,9 +53,9 @@ def fetch_fingerprint(url: str | None, timeout: float) -> str | None:
     if not url:
         return None
     try:
-        resp = httpx.get(f"{url}/invariant/fingerprint", timeout=timeout)
+        resp = httpx.get(f"{url}{routes.FINGERPRINT}", timeout=timeout)
         resp.raise_for_status()
-        value = resp.json().get("fingerprint")
+        value = resp.json().get(routes.F_FINGERPRINT)
         return value if isinstance(value, str) else None
     except (httpx.HTTPError, ValueError) as exc:
         log.info("fingerprint of %s unreadable: %s", url, exc)

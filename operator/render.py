@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 from invariant.operator.spec import API_GROUP, API_VERSION, KIND, ModelSpecView
+from invariant.contract import routes
+from invariant.contract.worker_argv import worker_argv
 
 WORKER_PORT = 8000
 MODEL_MOUNT = "/model"
@@ -64,16 +66,11 @@ def node_affinity(view: ModelSpecView) -> dict[str, Any]:
 
 def worker_args(view: ModelSpecView) -> list[str]:
     n = view.numerics
-    args = ["worker", "--model", MODEL_MOUNT if view.model.hf_repo else f"{MODEL_MOUNT}/{view.model.pvc_path}",
-            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--dtype", n.dtype,
-            "--served-model-name", view.model.served_name, "--tensor-parallel-size", str(n.tensor_parallel_size),
-            "--expect-gpu-product", n.gpu_product, "--expect-driver-version", n.driver_version]
-    if n.expected_fingerprint:
-        args += ["--expect-fingerprint", n.expected_fingerprint]
-    if n.gemm != "vllm":
-        args += ["--gpu-gemm", n.gemm]
-    args += [f"--engine-arg={arg}" for arg in view.engine_args]
-    return args
+    return worker_argv(MODEL_MOUNT if view.model.hf_repo else f"{MODEL_MOUNT}/{view.model.pvc_path}",
+                       host="0.0.0.0", port=WORKER_PORT, dtype=n.dtype, served_model_name=view.model.served_name,
+                       tensor_parallel_size=n.tensor_parallel_size, expect_gpu_product=n.gpu_product,
+                       expect_driver_version=n.driver_version, expect_fingerprint=n.expected_fingerprint or None,
+                       gpu_gemm=n.gemm if n.gemm != "vllm" else None, engine_args=view.engine_args)
 
 
 def _resources(view: ModelSpecView) -> dict[str, Any]:
@@ -102,7 +99,7 @@ def _volumes(view: ModelSpecView) -> tuple[list[dict], list[dict], list[dict]]:
 def render_deployment(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, Any]:
     pins = pins_hash(view)
     volumes, mounts, init = _volumes(view)
-    probe = {"httpGet": {"path": "/invariant/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
+    probe = {"httpGet": {"path": routes.READY, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container = {
         "name": "worker",
         "image": view.numerics.image,

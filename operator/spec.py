@@ -11,21 +11,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from invariant.engine_args import GPU_GEMMS, engine_arg_errors
+from invariant.contract.engine_args import GPU_GEMMS, engine_arg_errors
+from invariant.contract import cache as cache_policy, crd, fingerprint
 
-API_GROUP = "invariant.dev"
-API_VERSION = "v1alpha1"
-KIND = "DeterministicModel"
-PLURAL = "deterministicmodels"
+API_GROUP, API_VERSION, KIND, PLURAL = crd.GROUP, crd.VERSION, crd.KIND, crd.PLURAL
 
 IMAGE_DIGEST = re.compile(r"^(?P<repo>[a-z0-9]+(?:[._\-/:][a-z0-9]+)*)@sha256:[0-9a-f]{64}$")
 HF_REVISION = re.compile(r"^[0-9a-f]{40}$")
 HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 DRIVER_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
-FINGERPRINT = re.compile(r"^inv-[0-9a-f]{16}$")
+FINGERPRINT = re.compile(fingerprint.PATTERN)
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
 DTYPES = ("bfloat16", "float16", "float32")
-SHARING = ("tenant", "shared")
+SHARING = cache_policy.SHARING
 
 class SpecError(ValueError):
     """The spec is refused; ``errors`` holds one sentence per problem."""
@@ -75,8 +73,8 @@ class ModelSpecView:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     engine_args: tuple[str, ...] = ()
-    cache_ttl_seconds: int = 86400
-    cache_sharing: str = "tenant"
+    cache_ttl_seconds: int = cache_policy.DEFAULT_TTL_SECONDS
+    cache_sharing: str = cache_policy.DEFAULT_SHARING
 
 
 def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecView:
@@ -138,10 +136,10 @@ def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecV
     engine_args = list(spec.get("engineArgs") or [])
     errors += engine_arg_errors(engine_args)
     cache = spec.get("cache") or {}
-    ttl = cache.get("ttlSeconds", 86400)
+    ttl = cache.get("ttlSeconds", cache_policy.DEFAULT_TTL_SECONDS)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
         errors.append(f"spec.cache.ttlSeconds {ttl!r} must be a non-negative integer")
-    sharing = cache.get("sharing", "tenant")
+    sharing = cache.get("sharing", cache_policy.DEFAULT_SHARING)
     if sharing not in SHARING:
         errors.append(f"spec.cache.sharing {sharing!r} must be one of {', '.join(SHARING)}")
     if errors:

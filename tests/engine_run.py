@@ -121,7 +121,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     rng = random.Random(7)
-    prefix = text(rng, 90)
+    # 200 words (about 230 tokens): past one 128-token CPU KV block, so a sibling really shares a cached block
+    prefix = text(rng, 200)
     prompt = prefix + " " + text(rng, 25)
     sibling = prefix + " " + text(rng, 25)
     fillers = [text(rng, rng.randint(1, 260)) for _ in range(max(sizes))]

@@ -149,12 +149,24 @@ def test_control_without_plugin_detects_batch_variance(stock):
     assert res["seeded_alone"]["token_ids"] != res["alone"]["token_ids"], "the seeded request did not sample"
 
 
-def test_control_without_plugin_a_cached_prefix_changes_the_bits(stock):
-    """Control of test_cached_prefix_gives_the_same_bits: with the prefix served from the cache the
-    stock engine prefills fewer rows, and its GEMM picks other kernels for them."""
-    res = stock["full"]
-    assert [c for c in ("prefix_warm", "prefix_shared") if differs(res[c], res["alone"])], \
-        "stock vLLM gave the same bits with and without the prefix cache: the prefix test proves nothing"
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory):
+    """The invariant engine with its GEMM swapped for one whose K split follows the row count
+    (tests/hooks/sitecustomize.py, gemm-chunks-by-m), fp32: the prefix cache's control. Stock vLLM's
+    fallback GEMM is no control there: on the CPUs we ran it gave a cached prefix the same bits."""
+    root = tmp_path_factory.mktemp("variant")
+    model = make_model(root / "model", ModelSpec(dtype="float32"))
+    return run_engine(model, "invariant", 2048, root / "variant.json", PYTHONPATH=str(HERE / "hooks"),
+                      INVARIANT_TEST_FAULT="gemm-chunks-by-m")
+
+
+def test_control_a_row_count_dependent_gemm_changes_cached_prefix_bits(variant):
+    """Control of test_cached_prefix_gives_the_same_bits: a prefix-cache hit leaves fewer rows to
+    prefill, and a GEMM that picks its reduction from the row count gives other bits."""
+    assert variant["prefix_warm"]["cached_tokens"] > 0 and variant["prefix_shared"]["cached_tokens"] > 0
+    for case in ("prefix_warm", "prefix_shared"):
+        assert differs(variant[case], variant["alone"]), \
+            f"{case}: a row-count-dependent GEMM gave the same bits with the prefix cached: the test proves nothing"
 
 
 def test_control_without_plugin_chunked_prefill_changes_the_bits(stock):

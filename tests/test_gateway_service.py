@@ -270,7 +270,7 @@ def test_spellings_of_one_request_share_an_entry(gateway, worker):
         '{\n  "max_tokens" : 6,\n  "model" : "%s",\n  "prompt" : "Spell me caf\\u00e9",\n  "temperature" : -0.0\n}',
     ]
     raws = [(sp % worker.name).encode() for sp in spellings]
-    assert len({json.dumps(json.loads(r), sort_keys=True) for r in raws[:2]}) == 1
+    assert len(set(raws)) == 3  # three byte strings, one request
     outcomes, texts = [], set()
     for raw in raws:
         res = httpx.post(f"{gateway.url}/v1/completions", content=raw, timeout=120,

@@ -118,6 +118,7 @@ FAULTS = {
     "split-k": ("gemm", 2),
     "gemm-tail": ("gemm", 17),
     "gemm-large": ("gemm", 512),
+    "gemm-chunks-by-m": ("gemm", 2),
     "rms-halves": ("rms_norm", 2),
     "rms-last-row": ("rms_norm", 33),
     "logsoftmax-batched": ("log_softmax", 2),

@@ -175,7 +175,7 @@ def test_the_gpu_canary_uses_a_crowd_past_upstreams_leak():
 def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     """vLLM 0.26's invariant mode leaked in eager mode (from a batch of 2 in the GPU suite's
     scenarios; CUDA graphs held): the worker never runs eager on a GPU, and a user cannot ask for it."""
-    from invariant.engine_args import engine_arg_errors
+    from invariant.contract.engine_args import engine_arg_errors
     from invariant.worker.server import kernel_config
 
     (err,) = engine_arg_errors(["--enforce-eager"])
@@ -198,7 +198,7 @@ def test_the_cuda_worker_compiles_with_inductor_picking_reductions_without_timin
     the settings (inductor refuses a key it does not have), and a user cannot override them."""
     import torch._inductor.config as inductor
 
-    from invariant.engine_args import engine_arg_errors
+    from invariant.contract.engine_args import engine_arg_errors
     from invariant.worker.options import WorkerOptions
     from invariant.worker.server import inductor_patches, vllm_argv
 

@@ -14,9 +14,10 @@ import os
 import platform
 from pathlib import Path
 from typing import Any, Mapping
+from invariant.contract import fingerprint as fingerprint_format
 
-FINGERPRINT_PREFIX = "inv-"
-FINGERPRINT_HEX = 16
+FINGERPRINT_PREFIX = fingerprint_format.PREFIX
+FINGERPRINT_HEX = fingerprint_format.HEX_DIGITS
 # Bumped when the meaning of a part changes, so old and new fingerprints never collide.
 FINGERPRINT_SCHEMA = 1
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from invariant.engine_args import GPU_GEMMS, engine_arg_errors
-from invariant.net import PortError, check_port_free
+from invariant.contract.engine_args import GPU_GEMMS, engine_arg_errors
+from invariant.contract.net import PortError, check_port_free
 
 # The architectures our invariant kernels and canary are written and tested for.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")

@@ -202,7 +202,7 @@ def register() -> None:
         raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu', 'cuda' or 'off'")
     if mode == "cuda":
         check_version(installed_vllm_version(), cuda=True)
-        from invariant.engine_args import GPU_GEMMS
+        from invariant.contract.engine_args import GPU_GEMMS
 
         gemm = os.environ.get(GEMM_ENV, "vllm")
         if gemm not in GPU_GEMMS:

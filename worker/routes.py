@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from invariant.contract import routes
 
 
 @dataclass
@@ -44,15 +45,15 @@ class WorkerState:
 
 
 def invariant_router(state: WorkerState) -> APIRouter:
-    router = APIRouter(prefix="/invariant", tags=["invariant"])
+    router = APIRouter(prefix=routes.PREFIX, tags=["invariant"])
 
-    @router.get("/fingerprint")
+    @router.get(routes.FINGERPRINT.removeprefix(routes.PREFIX))
     async def fingerprint() -> dict[str, Any]:
         return {"fingerprint": state.fingerprint, "model": state.model_name, "parts": state.parts,
                 "sampling_defaults": state.sampling_defaults, "canary": state.canary,
                 "kernel_canary": state.kernel_canary, "kernel_reports": state.kernel_reports}
 
-    @router.get("/ready")
+    @router.get(routes.READY.removeprefix(routes.PREFIX))
     async def ready() -> JSONResponse:
         body = {"ready": state.ready, "fingerprint": state.fingerprint, "reasons": state.reasons,
                 "canary": state.canary, "kernel_canary": state.kernel_canary}

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-from invariant.engine_args import compile_shape
+from invariant.contract.engine_args import compile_shape
 from invariant.worker import canary
 from invariant.worker.fingerprint import collect_parts, compute_fingerprint
 from invariant.worker.options import WorkerConfigError, WorkerOptions, pin_disagreements, validate

@@ -93,6 +93,32 @@ def _gemm_large_fault(module) -> None:
     module.linear = linear
 
 
+def _gemm_chunks_by_m_fault(module) -> None:
+    """The K reduction split into a number of chunks chosen from the row count (1 row: whole; under
+    192 rows: 2; from 192: 4), the shape of a library's split-K heuristic: a prompt prefilled whole
+    and the same prompt prefilled after a prefix-cache hit (fewer rows) get other bits."""
+    import torch
+
+    original = module.linear
+
+    def linear(x, weight, bias=None, **kw):
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        parts = 1 if rows <= 1 else (2 if rows < 192 else 4)
+        if parts == 1:
+            return original(x, weight, bias, **kw)
+        k = x.shape[-1]
+        step = -(-k // parts)
+        y = None
+        for i in range(0, k, step):
+            part = original(x[..., i:i + step].contiguous(), weight[:, i:i + step].contiguous(), out_dtype=torch.float32)
+            y = part if y is None else y + part
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(kw.get("out_dtype") or x.dtype)
+
+    module.linear = linear
+
+
 def _rms_halves_fault(module) -> None:
     """RMSNorm on more than one row: the mean of squares summed as two halves of the row (fp32),
     the pairwise order a vectorised reduction might take for a batch."""
@@ -183,6 +209,7 @@ FAULTS = {
     "split-k": ("invariant.kernels.cpu.gemm", _split_k_fault),
     "gemm-tail": ("invariant.kernels.cpu.gemm", _gemm_tail_fault),
     "gemm-large": ("invariant.kernels.cpu.gemm", _gemm_large_fault),
+    "gemm-chunks-by-m": ("invariant.kernels.cpu.gemm", _gemm_chunks_by_m_fault),
     "rms-halves": ("invariant.kernels.cpu.rowops", _rms_halves_fault),
     "rms-last-row": ("invariant.kernels.cpu.rowops", _rms_last_row_fault),
     "logsoftmax-batched": ("invariant.kernels.cpu.rowops", _logsoftmax_batched_fault),
