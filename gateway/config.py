@@ -1,0 +1,37 @@
+"""The gateway's configuration: its routes to workers, per-model cache policy, limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from invariant.contract import cache as cache_policy
+from invariant.gateway.auth import KeyStore, Tenant
+
+# The OpenAI routes the gateway serves (and forwards to workers), by request kind.
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass
+class ModelPolicy:
+    ttl_seconds: int = cache_policy.DEFAULT_TTL_SECONDS
+    sharing: str = cache_policy.DEFAULT_SHARING  # or SHARING_SHARED: one namespace for all tenants (opt-in)
+
+
+@dataclass
+class GatewayConfig:
+    models: dict[str, list[str]]
+    redis_url: str
+    policies: dict[str, ModelPolicy] = field(default_factory=dict)
+    api_keys: KeyStore = field(default_factory=lambda: KeyStore(None))
+    redis_timeout: float = 0.25
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 32768
+    lock_ttl_ms: int = 600_000
+    check_interval: float = 5.0
+    discover: str | None = None  # "kubernetes": routes from DeterministicModel status
+    verify_sample: float = 0.0  # share of hits replayed in the background and compared bit for bit
+
+
+def cache_namespace(policy: ModelPolicy, tenant: Tenant) -> str:
+    """Per tenant unless the model opted into sharing (a shared exact cache is a timing side channel)."""
+    return "shared" if policy.sharing == cache_policy.SHARING_SHARED else f"t:{tenant.name}"

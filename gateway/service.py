@@ -1,0 +1,559 @@
+"""The gateway's request path: authenticate -> resolve (defaults filled as the worker would) ->
+pick a healthy worker (its fingerprint is part of the key) -> look up each choice's entry ->
+answer from the records, or generate the missing choices once (single flight) and store them.
+
+The routes that call it are in gateway/app.py; configuration in gateway/config.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from invariant.gateway import live as live_mod
+from invariant.gateway.auth import Tenant
+from invariant.gateway.config import PATHS, GatewayConfig, ModelPolicy, cache_namespace
+from invariant.gateway.errors import openai_error
+from invariant.gateway.keys import RequestError, Resolved, bypass_reason, key_for_choice, resolve, store_allowed
+from invariant.gateway.limits import RateLimiter
+from invariant.gateway.live import Live
+from invariant.gateway.lru import Lru
+from invariant.gateway.metrics import Metrics
+from invariant.gateway.records import Record, covers, etag, record_from_choice, render_response, render_stream, truncate
+from invariant.gateway.store import Store
+from invariant.gateway.upstream import Endpoint, UpstreamError, UpstreamRejected, Upstreams
+
+log = logging.getLogger("invariant.gateway")
+@dataclass
+class HotEntry:
+    model: str
+    fingerprint: str
+    expires: float
+    records: list[Record]
+    headers: dict[str, str]
+    body_tail: bytes | None  # the JSON response after its "id" and "created"; None for streamed requests
+    request: dict[str, Any]  # the parsed request (streaming flags)
+
+
+HOT_ENTRIES = 4096
+HOT_SECONDS = 60.0
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout)
+        self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
+        self.limiter = RateLimiter()
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._live: dict[str, Live] = {}  # entries generated right now with a streamed upstream call
+        self._inflight_max: dict[str, int | None] = {}  # max_tokens each in-flight generation runs to
+        # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
+        # them. Sound because entries are immutable: same bytes, same fingerprint, same answer.
+        self._hot: Lru[tuple, HotEntry] = Lru(HOT_ENTRIES, time.monotonic)
+        self._verifying = asyncio.Semaphore(1)
+        self._background: set[asyncio.Task] = set()
+
+    # --- generation -----------------------------------------------------------------------------
+    def upstream_body(self, resolved: Resolved, body: dict[str, Any], choice: int) -> dict[str, Any]:
+        """The request one choice is generated with: n=1, seed + choice, token ids and per-token
+        logprobs on (they only report; the tokens do not change)."""
+        up = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        up["n"] = 1
+        if resolved.seed is not None and not resolved.greedy:
+            up["seed"] = resolved.seed + choice
+        up["return_token_ids"] = True
+        if resolved.kind == "completions":
+            if up.get("logprobs") is None:
+                up["logprobs"] = 0
+        elif not up.get("logprobs"):
+            up["logprobs"], up["top_logprobs"] = True, 0
+        return up
+
+    async def generate(self, ep: Endpoint, resolved: Resolved, body: dict[str, Any], choice: int) -> Record:
+        started = time.perf_counter()
+        try:
+            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, body, choice))
+        except (UpstreamError, UpstreamRejected):
+            self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+            raise
+        self.metrics.upstream_calls.labels(resolved.model, "ok").inc()
+        self.metrics.upstream_latency.labels(resolved.model).observe(time.perf_counter() - started)
+        usage = data.get("usage") or {}
+        return record_from_choice(resolved.kind, data["choices"][0], usage.get("prompt_tokens", 0),
+                                  data["system_fingerprint"], data.get("created", int(time.time())))
+
+    async def generate_with_retry(self, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
+                                  choice: int) -> Record:
+        """Try replicas of the same fingerprint in turn; a different fingerprint is another key."""
+        fingerprint = candidates[0].fingerprint
+        last: UpstreamError | None = None
+        for ep in [c for c in candidates if c.fingerprint == fingerprint]:
+            try:
+                return await self.generate(ep, resolved, body, choice)
+            except UpstreamError as exc:
+                last = exc
+                log.warning("retrying on another replica: %s", exc.message)
+        raise last or UpstreamError(503, "no healthy worker")
+
+    async def generate_live(self, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any], choice: int,
+                            live: Live, publish: str | None) -> Record:
+        """Like ``generate_with_retry``, but streamed from the worker into ``live`` (and, with
+        ``publish``, into that entry's Redis Stream for followers on other replicas)."""
+        fingerprint = candidates[0].fingerprint
+        up = {**self.upstream_body(resolved, body, choice), "stream_options": {"include_usage": True}}
+        ttl = self.config.lock_ttl_ms
+        last: UpstreamError | None = None
+        for ep in [c for c in candidates if c.fingerprint == fingerprint]:
+            started = time.perf_counter()
+            try:
+                async for chunk in self.upstreams.stream(ep, PATHS[resolved.kind], up):
+                    index = len(live.progress.token_ids)  # followers check continuity with it
+                    live.feed(chunk)
+                    if publish:
+                        await self.store.live_publish(publish, live_mod.event_chunk(chunk, index), ttl)
+                record = live.progress.record()
+            except UpstreamRejected:
+                self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+                raise
+            except (UpstreamError, ValueError) as exc:
+                self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+                last = exc if isinstance(exc, UpstreamError) else UpstreamError(502, str(exc))
+                log.warning("retrying on another replica: %s", last.message)
+                live.restart()
+                if publish:
+                    await self.store.live_publish(publish, live_mod.EVENT_RESTART, ttl)
+                continue
+            self.metrics.upstream_calls.labels(resolved.model, "ok").inc()
+            self.metrics.upstream_latency.labels(resolved.model).observe(time.perf_counter() - started)
+            return record
+        raise last or UpstreamError(503, "no healthy worker")
+
+    async def fill_live(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
+                        ttl: int, store: bool) -> tuple[Live | None, str]:
+        """``fill`` for a streamed request: returns at once with a ``Live`` view of the generation,
+        led here (MISS), or followed (COALESCED) here or on another replica, from its first token."""
+        fingerprint = candidates[0].fingerprint or ""
+        mine = resolved.max_tokens
+        live = self._live.get(key)
+        if live is not None and live_mod.joinable(live.max_tokens, mine):
+            return live, "COALESCED"
+        task = self._inflight.get(key)
+        if task is not None and live_mod.joinable(self._inflight_max.get(key), mine):
+            # a non-streamed generation of this entry is under way here
+            return self._live_from_task(resolved.kind, fingerprint, task), "COALESCED"
+        if live is not None or task is not None:  # a shorter one is under way here: not for us
+            return None, "MISS"
+        token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
+        if token is None:  # another replica leads: follow its stream
+            follower = Live(resolved.kind, fingerprint)
+
+            async def stored() -> Record | None:
+                record, _ = await self.store.get(key)
+                return record if record is not None and covers(record, resolved.max_tokens) else None
+
+            deadline = asyncio.get_running_loop().time() + self.config.lock_ttl_ms / 1000
+            self._spawn(live_mod.follow_remote(self.store, key, follower, deadline=deadline, stored=stored,
+                                               wanted=mine))
+            return follower, "COALESCED"
+        if store:
+            record, _ = await self.store.get(key)
+            if record is not None and covers(record, resolved.max_tokens):
+                if token != "local":
+                    await self.store.unlock(key, token)
+                done = Live(resolved.kind, fingerprint)
+                done.finish(record)
+                return done, "COALESCED"
+        if store and (self._live.get(key) is not None or self._inflight.get(key) is not None):
+            # another request here started it meanwhile: join that one instead
+            if token != "local":
+                await self.store.unlock(key, token)
+            return await self.fill_live(key, candidates, resolved, body, ttl, store)
+        live = Live(resolved.kind, fingerprint, mine)
+        publish = key if store and token != "local" else None
+
+        async def lead() -> Record:
+            try:
+                if publish:
+                    await self.store.live_publish(key, live_mod.event_max_tokens(mine), self.config.lock_ttl_ms)
+                record = await self.generate_live(candidates, resolved, body, 0, live, publish)
+                if store:
+                    await self.store.put(key, record, ttl)
+                live.finish(record)
+                if publish:
+                    await self.store.live_publish(key, live_mod.EVENT_DONE, self.config.lock_ttl_ms)
+                return record
+            except BaseException as exc:
+                live.fail(getattr(exc, "message", None) or str(exc) or type(exc).__name__, exc)
+                if publish:
+                    await self.store.live_publish(key, live_mod.event_error(live.error or "failed"),
+                                                  self.config.lock_ttl_ms)
+                raise
+            finally:
+                if self._live.get(key) is live:
+                    self._inflight.pop(key, None)
+                    self._inflight_max.pop(key, None)
+                    self._live.pop(key, None)
+                if store and token != "local":
+                    await self.store.unlock(key, token)
+
+        task = asyncio.get_running_loop().create_task(lead())
+        task.add_done_callback(_retrieve)
+        self._live[key] = live
+        self._inflight[key] = task
+        self._inflight_max[key] = mine
+        return live, "MISS"
+
+    def _live_from_task(self, kind: str, fingerprint: str, task: asyncio.Task) -> Live:
+        view = Live(kind, fingerprint)
+
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                view.fail("cancelled")
+            elif t.exception() is not None:
+                exc = t.exception()
+                view.fail(getattr(exc, "message", None) or str(exc), exc)
+            else:
+                view.finish(t.result())
+
+        task.add_done_callback(done)
+        return view
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def fill(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
+                   choice: int, ttl: int, store: bool) -> tuple[Record, str]:
+        """Generate one entry once across concurrent requests (here and on other replicas).
+
+        Returns the record and how this caller got it: MISS (it led) or COALESCED (it followed).
+        The generation runs in its own task: a leader's client hanging up does not cancel it.
+        """
+        task = self._inflight.get(key)
+        if task is not None and live_mod.joinable(self._inflight_max.get(key), resolved.max_tokens):
+            return await asyncio.shield(task), "COALESCED"
+        if task is not None:  # a shorter generation of this entry is under way: make our own, unshared
+            return await self.generate_with_retry(candidates, resolved, body, choice), "MISS"
+        token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
+        if token is None:  # another replica generates: wait for its entry
+            record = await self._await_peer(key, resolved.max_tokens)
+            if record is not None:
+                return record, "COALESCED"
+            token = "local"
+        # Double-check: a leader may have stored the entry (and released its lock) between this
+        # request's lookup and its lock; and another request here may have started meanwhile.
+        if store:
+            record, _ = await self.store.get(key)
+            if record is not None and covers(record, resolved.max_tokens):
+                if token != "local":
+                    await self.store.unlock(key, token)
+                return record, "COALESCED"
+        task = self._inflight.get(key)
+        if task is not None:
+            if store and token != "local":
+                await self.store.unlock(key, token)
+            return await self.fill(key, candidates, resolved, body, choice, ttl, store)
+
+        async def lead() -> Record:
+            try:
+                record = await self.generate_with_retry(candidates, resolved, body, choice)
+                if store:
+                    await self.store.put(key, record, ttl)
+                return record
+            finally:
+                self._inflight.pop(key, None)
+                self._inflight_max.pop(key, None)
+                if store and token != "local":
+                    await self.store.unlock(key, token)
+
+        task = asyncio.get_running_loop().create_task(lead())
+        self._inflight[key] = task
+        self._inflight_max[key] = resolved.max_tokens
+        return await asyncio.shield(task), "MISS"
+
+    async def _await_peer(self, key: str, max_tokens: int | None) -> Record | None:
+        deadline = time.monotonic() + self.config.lock_ttl_ms / 1000
+        delay = 0.01
+        while time.monotonic() < deadline:
+            record, ok = await self.store.get(key)
+            if record is not None and covers(record, max_tokens):
+                return record
+            if not ok or record is not None:  # Redis gone, or the peer's entry is too short for us
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        return None
+
+    # --- requests ---------------------------------------------------------------------------------
+    async def handle(self, kind: str, request: Request) -> Response:
+        endpoint = PATHS[kind]
+        response = await self._handle(kind, request)
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def _handle(self, kind: str, request: Request) -> Response:
+        tenant = self.config.api_keys.tenant_for(request.headers.get("authorization"))
+        if tenant is None:
+            return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
+        if not self.limiter.allow(tenant):
+            return openai_error(429, "Rate limit reached for this API key.", "rate_limit_error", "rate_limit_exceeded")
+        raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            return openai_error(413, f"Request body exceeds {self.config.max_body_bytes} bytes.",
+                                "invalid_request_error", "request_too_large")
+        hot_key = (kind, tenant.name, request.headers.get("cache-control"), hashlib.sha256(raw).digest())
+        hot = self._hot_get(hot_key)
+        if hot is not None:
+            self.metrics.cache.labels("hit").inc()
+            self._maybe_reverify(kind, hot.request, tenant)
+            return self._hot_response(kind, hot)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
+        if not isinstance(body, dict):
+            return openai_error(400, "The request body must be a JSON object.", "invalid_request_error")
+        model = body.get("model")
+        if model not in self.upstreams.models:
+            return openai_error(404, f"The model `{model}` does not exist.", "invalid_request_error",
+                                "model_not_found", "model")
+        candidates = self.upstreams.candidates(model)
+        if not candidates:
+            return openai_error(503, f"No worker for `{model}` is ready.", "server_error", "model_unavailable")
+        ep = candidates[0]
+        try:
+            resolved = resolve(kind, body, ep.defaults)
+        except RequestError as exc:
+            return openai_error(400, str(exc), "invalid_request_error")
+        if resolved.max_tokens is not None and resolved.max_tokens > self.config.max_tokens_limit:
+            return openai_error(400, f"'max_tokens' exceeds this gateway's limit of {self.config.max_tokens_limit}.",
+                                "invalid_request_error", param="max_tokens")
+
+        policy = self.config.policies.get(model, ModelPolicy())
+        namespace = cache_namespace(policy, tenant)
+        cache_control = request.headers.get("cache-control")
+        headers = {"x-invariant-fingerprint": ep.fingerprint or ""}
+        reason = bypass_reason(resolved, cache_control)
+        try:
+            if reason is not None:
+                self.metrics.cache.labels("bypass").inc()
+                records = await asyncio.gather(*(self.generate_with_retry(candidates, resolved, body, i)
+                                                  for i in range(resolved.n)))
+                outcome = "BYPASS"
+                headers["x-invariant-bypass-reason"] = reason
+            elif live_capable(resolved, body):
+                live_response = await self._live_response(kind, resolved, body, candidates, namespace, policy,
+                                                          store_allowed(cache_control), model, headers)
+                if live_response is not None:
+                    return live_response
+                records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
+                                                                store_allowed(cache_control))
+            else:
+                records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
+                                                                store_allowed(cache_control))
+                if not redis_ok:
+                    headers["x-invariant-cache-degraded"] = "redis-unavailable"
+        except UpstreamRejected as exc:
+            return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+        except UpstreamError as exc:
+            return openai_error(exc.status, exc.message, "server_error", "upstream_error", headers=headers)
+
+        records = [truncate(r, resolved.max_tokens) for r in records]
+        headers["x-invariant-cache"] = outcome
+        if outcome == "HIT":
+            self._maybe_reverify(kind, body, tenant)
+        headers["etag"] = etag([r.token_ids for r in records])
+        request_id, created = new_response_id(kind), int(time.time())
+        tail = None
+        if not body.get("stream"):
+            payload = render_response(kind, records, request_id=request_id, model=model, created=created,
+                                      want_logprobs=bool(body.get("logprobs")),
+                                      want_token_ids=bool(body.get("return_token_ids")))
+            tail = _json_tail(payload)
+        if outcome != "BYPASS" and store_allowed(cache_control) and "x-invariant-cache-degraded" not in headers:
+            self._hot_put(hot_key, HotEntry(model=model, fingerprint=ep.fingerprint or "",
+                                            expires=time.monotonic() + min(HOT_SECONDS, policy.ttl_seconds),
+                                            records=records, headers=dict(headers, **{"x-invariant-cache": "HIT"}),
+                                            body_tail=tail, request=body))
+        if tail is None:
+            return self._stream(kind, body, records, request_id, model, created, headers)
+        return Response(_json_with_head(request_id, created, tail), media_type="application/json", headers=headers)
+
+    async def _live_response(self, kind: str, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint],
+                             namespace: str, policy: ModelPolicy, store: bool, model: str,
+                             headers: dict[str, str]) -> Response | None:
+        """A streamed miss: stream the generation as it happens (None: it is a hit, answer as usual)."""
+        key = key_for_choice(resolved, candidates[0].fingerprint or "", 0, namespace)
+        record, redis_ok = await self.store.get(key)
+        if record is not None and covers(record, resolved.max_tokens):
+            return None
+        live, outcome = await self.fill_live(key, candidates, resolved, body, policy.ttl_seconds, store and redis_ok)
+        if live is None:  # a shorter generation of this entry runs here: answer on the ordinary path
+            return None
+        await live.started()
+        if live.unjoinable:  # a peer generates a shorter one: answer this request on its own
+            return None
+        if isinstance(live.exception, UpstreamRejected):
+            return JSONResponse(live.exception.body, status_code=live.exception.status, headers=headers)
+        if live.error is not None and not live.progress.token_ids:
+            status = getattr(live.exception, "status", 502)
+            return openai_error(status, live.error, "server_error", "upstream_error", headers=headers)
+        self.metrics.cache.labels(outcome.lower()).inc()
+        headers = dict(headers, **{"x-invariant-cache": outcome, "x-invariant-live": "1"})
+        if not (redis_ok and self.store.available):
+            headers["x-invariant-cache-degraded"] = "redis-unavailable"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stream = live_mod.render(live, request_id=new_response_id(kind), model=model, created=int(time.time()),
+                                 want_logprobs=bool(body.get("logprobs")),
+                                 want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage,
+                                 max_tokens=resolved.max_tokens,
+                                 own=lambda: self.generate_with_retry(candidates, resolved, body, 0))
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    def _stream(self, kind: str, body: dict[str, Any], records: list[Record], request_id: str, model: str,
+                created: int, headers: dict[str, str]) -> StreamingResponse:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = list(render_stream(kind, records, request_id=request_id, model=model, created=created,
+                                    want_logprobs=bool(body.get("logprobs")),
+                                    want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage))
+        return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
+
+    def _maybe_reverify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> None:
+        """Replay a sample of hits on a worker in the background: a determinism canary and a
+        cache-poisoning alarm (mismatches are counted in invariant_gateway_verify_total)."""
+        if self.config.verify_sample <= 0 or random.random() >= self.config.verify_sample or self._verifying.locked():
+            return
+
+        async def run() -> None:
+            async with self._verifying:
+                try:
+                    report = await self.verify(kind, body, tenant)
+                    if not report["match"]:
+                        log.error("cache entry differs from a fresh generation: %s", report)
+                except Exception as exc:  # noqa: BLE001 - a failed replay is not a request failure
+                    log.warning("background verify failed: %s", exc)
+
+        self._spawn(run())
+
+    # --- hot responses -----------------------------------------------------------------------------
+    def _hot_get(self, key: tuple) -> HotEntry | None:
+        hot = self._hot.get(key)
+        if hot is None:
+            return None
+        served = any(ep.healthy and ep.fingerprint == hot.fingerprint for ep in self.upstreams.models.get(hot.model, ()))
+        if not served:
+            self._hot.pop(key)  # no worker serves these numerics any more
+            return None
+        return hot
+
+    def _drop_hot(self, model: str, fingerprint: str) -> None:
+        """Forget the hot responses of one model's numerics (after a failed replay among them)."""
+        self._hot.drop_where(lambda e: e.model == model and e.fingerprint == fingerprint)
+
+    def _hot_put(self, key: tuple, entry: HotEntry) -> None:
+        self._hot.put(key, entry, entry.expires)
+
+    def _hot_response(self, kind: str, hot: HotEntry) -> Response:
+        request_id, created = new_response_id(kind), int(time.time())
+        if hot.body_tail is None:  # a streamed request
+            return self._stream(kind, hot.request, hot.records, request_id, hot.model, created, dict(hot.headers))
+        return Response(_json_with_head(request_id, created, hot.body_tail), media_type="application/json",
+                        headers=hot.headers)
+
+    async def _cached(self, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint], namespace: str,
+                      policy: ModelPolicy, store: bool) -> tuple[list[Record], str, bool]:
+        fingerprint = candidates[0].fingerprint or ""
+        keys = [key_for_choice(resolved, fingerprint, i, namespace) for i in range(resolved.n)]
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, Record] = {}
+        redis_ok = True
+        for key in unique:
+            record, ok = await self.store.get(key)
+            redis_ok = redis_ok and ok
+            if record is not None and covers(record, resolved.max_tokens):
+                found[key] = record
+        missing = [k for k in unique if k not in found]
+        if not missing:
+            self.metrics.cache.labels("hit").inc()
+            return [found[k] for k in keys], "HIT", redis_ok
+        results = await asyncio.gather(*(self.fill(k, candidates, resolved, body, keys.index(k), policy.ttl_seconds,
+                                                   store and redis_ok) for k in missing))
+        outcomes = {how for _, how in results}
+        for k, (record, _) in zip(missing, results):
+            found[k] = record
+        outcome = "MISS" if "MISS" in outcomes else "COALESCED"
+        self.metrics.cache.labels(outcome.lower()).inc()
+        return [found[k] for k in keys], outcome, redis_ok and self.store.available
+
+    async def verify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
+        """Replay a stored entry on a worker, bypassing the cache, and compare bits."""
+        model = body.get("model")
+        candidates = self.upstreams.candidates(model) if model in self.upstreams.models else []
+        if not candidates:
+            raise UpstreamError(503, f"no worker for `{model}` is ready")
+        resolved = resolve(kind, body, candidates[0].defaults)
+        namespace = cache_namespace(self.config.policies.get(model, ModelPolicy()), tenant)
+        results = []
+        for i in range(resolved.n):
+            key = key_for_choice(resolved, candidates[0].fingerprint or "", i, namespace)
+            stored, _ = await self.store.get(key)
+            if stored is None:
+                results.append({"choice": i, "stored": False})
+                continue
+            replay_body = dict(body, max_tokens=len(stored.token_ids))
+            fresh = await self.generate_with_retry(candidates, resolved, replay_body, i)
+            same_ids = fresh.token_ids == stored.token_ids
+            same_lp = fresh.logprobs == stored.logprobs
+            self.metrics.verify.labels("match" if same_ids and same_lp else "mismatch").inc()
+            result = {"choice": i, "stored": True, "token_ids_match": same_ids, "logprobs_match": same_lp}
+            if not (same_ids and same_lp):
+                # The entry is not what these numerics give: poisoned or corrupted. Never serve it
+                # again: out of Redis, this replica's copy and its hot responses; the next request
+                # for it regenerates.
+                result["evicted"] = await self.store.evict(key)
+                self._drop_hot(model, candidates[0].fingerprint or "")
+                log.warning("verify: entry %s of %s differs from its replay (token ids %s, logprobs %s): evicted",
+                            key, model, "match" if same_ids else "differ", "match" if same_lp else "differ")
+            results.append(result)
+        return {"fingerprint": candidates[0].fingerprint, "results": results,
+                "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
+
+
+def live_capable(resolved: Resolved, body: dict[str, Any]) -> bool:
+    """Streamed, one choice, and no tool calls (whose streamed deltas are fragments, not tokens)."""
+    return bool(body.get("stream")) and resolved.n == 1 and not body.get("tools") and not body.get("functions")
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a leader task's exception as seen (its followers and client got it)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def new_response_id(kind: str) -> str:
+    return ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex
+
+
+def _json_tail(payload: dict[str, Any]) -> bytes:
+    """The response JSON without its per-response "id" and "created" (which _json_with_head adds)."""
+    rest = {k: v for k, v in payload.items() if k not in ("id", "created")}
+    return json.dumps(rest, separators=(",", ":"), ensure_ascii=False).encode()[1:]
+
+
+def _json_with_head(request_id: str, created: int, tail: bytes) -> bytes:
+    return b'{"id":"' + request_id.encode() + b'","created":' + str(created).encode() + b"," + tail
+
+
