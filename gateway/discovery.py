@@ -12,7 +12,8 @@ import logging
 import os
 from typing import Any
 
-from invariant.gateway.app import Gateway, ModelPolicy
+from invariant.gateway.config import ModelPolicy
+from invariant.gateway.service import Gateway
 from invariant.gateway.upstream import Endpoint
 from invariant.contract import cache as contract_cache, crd
 

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from invariant.gateway.app import GatewayConfig, ModelPolicy, create_app
+from invariant.gateway.app import create_app
+from invariant.gateway.config import GatewayConfig, ModelPolicy
 from invariant.gateway.auth import KeyStore
 from invariant.contract import cache as cache_policy
 

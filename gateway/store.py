@@ -8,7 +8,6 @@ timeout, not one per request. redis-py's socket timeouts default to none; we alw
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import secrets
 import time
@@ -17,6 +16,7 @@ from typing import Awaitable, Callable, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from invariant.gateway.lru import Lru
 from invariant.gateway.metrics import Metrics
 from invariant.gateway.records import Record
 
@@ -38,8 +38,8 @@ class Store:
         self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                         retry_on_timeout=False, health_check_interval=0)
         self._open_until = 0.0
-        self._l1: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
-        self._l1_max = l1_entries
+        # This replica's copy of entries (raw bytes), expiring with their Redis TTL (wall clock).
+        self._l1: Lru[str, bytes] = Lru(l1_entries, time.time)
         self._release = self._redis.register_script(RELEASE_LOCK)
         self._reader: aioredis.Redis | None = None
 
@@ -74,21 +74,11 @@ class Store:
 
     # --- entries ---------------------------------------------------------------------------------
     def _l1_get(self, key: str) -> Record | None:
-        hit = self._l1.get(key)
-        if hit is None:
-            return None
-        expires, raw = hit
-        if expires and expires < time.time():
-            self._l1.pop(key, None)
-            return None
-        self._l1.move_to_end(key)
-        return Record.loads(raw)
+        raw = self._l1.get(key)
+        return None if raw is None else Record.loads(raw)
 
     def _l1_put(self, key: str, raw: bytes, ttl: int) -> None:
-        self._l1[key] = (time.time() + ttl if ttl else 0.0, raw)
-        self._l1.move_to_end(key)
-        while len(self._l1) > self._l1_max:
-            self._l1.popitem(last=False)
+        self._l1.put(key, raw, time.time() + ttl if ttl else 0.0)
 
     async def get(self, key: str) -> tuple[Record | None, bool]:
         """(record or None, whether Redis answered)."""
@@ -118,7 +108,7 @@ class Store:
     async def evict(self, key: str) -> bool:
         """Remove an entry that failed a replay (a poisoned or corrupted one) from Redis and from this
         replica's copy; returns whether Redis took the delete. The next request regenerates it."""
-        self._l1.pop(key, None)
+        self._l1.pop(key)
         _, ok = await self._call("del", lambda: self._redis.delete(key), None)
         return ok
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from invariant.gateway.app import Gateway, GatewayConfig
+from invariant.gateway.config import GatewayConfig
+from invariant.gateway.service import Gateway
 from invariant.gateway.discovery import apply_routes, routes_from_objects
 from invariant.gateway.server import GatewayConfigError, build_config
 from invariant.operator.status import PodView, fold_status

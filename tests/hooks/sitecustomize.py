@@ -27,22 +27,29 @@ def _stock_torch_gemm(module) -> None:
     module._supports_onednn = False
 
 
-def _split_k_fault(module) -> None:
+def _k_parts(original, x, weight, bias, step: int, out_dtype):
+    """x @ weight.T with K summed in parts of ``step`` columns (each part by ``original`` in fp32,
+    the parts added in order), bias added, rounded once: another reduction order than one call."""
     import torch
 
+    k = x.shape[-1]
+    y = None
+    for i in range(0, k, step):
+        part = original(x[..., i:i + step].contiguous(), weight[:, i:i + step].contiguous(), out_dtype=torch.float32)
+        y = part if y is None else y + part
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def _split_k_fault(module) -> None:
     original = module.linear
 
     def linear(x, weight, bias=None, **kw):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         if rows <= 1:
             return original(x, weight, bias, **kw)
-        half = x.shape[-1] // 2
-        lo = original(x[..., :half].contiguous(), weight[:, :half].contiguous(), out_dtype=torch.float32)
-        hi = original(x[..., half:].contiguous(), weight[:, half:].contiguous(), out_dtype=torch.float32)
-        y = lo + hi
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(kw.get("out_dtype") or x.dtype)
+        return _k_parts(original, x, weight, bias, -(-x.shape[-1] // 2), kw.get("out_dtype"))
 
     module.linear = linear
 
@@ -72,23 +79,13 @@ def _gemm_tail_fault(module) -> None:
 def _gemm_large_fault(module) -> None:
     """From 512 rows on (a prefill step, never a decode batch) every row's sums are rounded once
     through bf16 halves of K: other bits only in large batches."""
-    import torch
-
     original = module.linear
 
     def linear(x, weight, bias=None, **kw):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         if rows < 512:
             return original(x, weight, bias, **kw)
-        k = x.shape[-1]
-        chunks = [original(x[..., i:i + 32].contiguous(), weight[:, i:i + 32].contiguous(), out_dtype=torch.float32)
-                  for i in range(0, k, 32)]
-        y = chunks[0]
-        for c in chunks[1:]:
-            y = y + c
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(kw.get("out_dtype") or x.dtype)
+        return _k_parts(original, x, weight, bias, 32, kw.get("out_dtype"))
 
     module.linear = linear
 
@@ -97,8 +94,6 @@ def _gemm_chunks_by_m_fault(module) -> None:
     """The K reduction split into a number of chunks chosen from the row count (1 row: whole; under
     192 rows: 2; from 192: 4), the shape of a library's split-K heuristic: a prompt prefilled whole
     and the same prompt prefilled after a prefix-cache hit (fewer rows) get other bits."""
-    import torch
-
     original = module.linear
 
     def linear(x, weight, bias=None, **kw):
@@ -106,15 +101,7 @@ def _gemm_chunks_by_m_fault(module) -> None:
         parts = 1 if rows <= 1 else (2 if rows < 192 else 4)
         if parts == 1:
             return original(x, weight, bias, **kw)
-        k = x.shape[-1]
-        step = -(-k // parts)
-        y = None
-        for i in range(0, k, step):
-            part = original(x[..., i:i + step].contiguous(), weight[:, i:i + step].contiguous(), out_dtype=torch.float32)
-            y = part if y is None else y + part
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(kw.get("out_dtype") or x.dtype)
+        return _k_parts(original, x, weight, bias, -(-x.shape[-1] // parts), kw.get("out_dtype"))
 
     module.linear = linear
 
