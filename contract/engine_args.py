@@ -71,7 +71,7 @@ GPU_GEMMS = ("vllm", "invariant")
 # capture sizes derive from them). On the H100, engines that differed only in the step budget (2048
 # vs 48 tokens) gave a prompt's first logprob apart in the 7th digit (docs/gpu-vllm.md), while
 # crowds of 2-512 in one engine gave equal bits. Inductor picks its reduction kernels' shape from
-# the budget's hint unless torch has its batch_invariant setting (worker.server.inductor_patches):
+# the budget's hint unless torch has its batch_invariant setting (worker.numerics.inductor_patches):
 # these sizes are part of a CUDA worker's numerics.
 COMPILE_SHAPE_ARGS = ("--max-num-batched-tokens", "--max-num-seqs")
 

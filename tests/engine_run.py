@@ -67,7 +67,7 @@ def engine_kwargs(model: str, mode: str, budget: int, cuda: bool, eager: bool, m
                   gpu_memory_utilization=0.3, max_num_batched_tokens=budget, max_num_seqs=min(max_seqs, budget),
                   enable_prefix_caching=True, enable_chunked_prefill=True)
     if cuda and mode == "invariant":
-        from invariant.worker.server import GPU_INVARIANT_ATTENTION, inductor_patches
+        from invariant.worker.numerics import GPU_INVARIANT_ATTENTION, inductor_patches
 
         kwargs["attention_backend"] = GPU_INVARIANT_ATTENTION  # as the worker runs it
         if not eager:

@@ -65,7 +65,7 @@ def test_the_fingerprint_names_the_gemm_path_and_the_attention_isa(tiny_model):
     default = _fingerprint(tiny_model)
     kernels = default["parts"]["kernels"]
     assert kernels["cpu_kernels_build"]["gemm_path"] == native.gemm_path()
-    from invariant.worker.server import model_head_dim
+    from invariant.worker.numerics import model_head_dim
 
     head_dim = model_head_dim(str(tiny_model))
     assert kernels["attention_isa"] == _fresh_python(

@@ -176,7 +176,7 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     """vLLM 0.26's invariant mode leaked in eager mode (from a batch of 2 in the GPU suite's
     scenarios; CUDA graphs held): the worker never runs eager on a GPU, and a user cannot ask for it."""
     from invariant.contract.engine_args import engine_arg_errors
-    from invariant.worker.server import kernel_config
+    from invariant.worker.numerics import kernel_config
 
     (err,) = engine_arg_errors(["--enforce-eager"])
     assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 2:" in err
@@ -200,7 +200,8 @@ def test_the_cuda_worker_compiles_with_inductor_picking_reductions_without_timin
 
     from invariant.contract.engine_args import engine_arg_errors
     from invariant.worker.options import WorkerOptions
-    from invariant.worker.server import inductor_patches, vllm_argv
+    from invariant.worker.numerics import inductor_patches
+    from invariant.worker.server import vllm_argv
 
     patches = inductor_patches()
     with inductor.patch(patches):

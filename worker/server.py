@@ -8,7 +8,6 @@ rather than its ``run_server``, because we need the FastAPI app in hand before i
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -16,8 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from invariant.contract.engine_args import compile_shape
-from invariant.worker import canary
+from invariant.worker import canary, numerics
 from invariant.worker.fingerprint import collect_parts, compute_fingerprint
 from invariant.worker.options import WorkerConfigError, WorkerOptions, pin_disagreements, validate
 from invariant.worker.routes import WorkerState, invariant_router
@@ -29,77 +27,6 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# FlashAttention 3 (vLLM's default on Hopper, num_splits=1 in invariant mode) still picks its kernel
-# variant from the step's longest query (suspected in a seeded HTTP crowd that differed on an H100,
-# docs/gpu-vllm.md). vLLM's Triton attention in invariant mode always runs its 2-D kernel, walking
-# the KV cache in fixed 32-token tiles from position 0 for every query, whatever the step holds.
-GPU_INVARIANT_ATTENTION = "TRITON_ATTN"
-
-
-def inductor_patches() -> dict[str, bool]:
-    """Inductor settings an invariant CUDA worker compiles with (as far as the installed torch has them).
-
-    Compiled, vLLM 0.26 runs RMSNorm as its native IR op, which inductor lowers to a generated
-    reduction kernel; inductor picks that kernel's block shape from the batch-size hint the graph was
-    traced with (the engine's token budget) and, where several shapes fit, by timing them on the
-    device at first use - another start could pick another and give other bits under the same
-    fingerprint. ``deterministic`` picks one shape without timing; ``batch_invariant`` (newer torch)
-    also stops the pick from following the hint. vLLM turns on combo kernels chosen by timing:
-    naming ``benchmark_combo_kernel`` keeps them off."""
-    import torch._inductor.config as inductor
-
-    patches = {key: True for key in ("deterministic", "batch_invariant") if hasattr(inductor, key)}
-    patches["benchmark_combo_kernel"] = False
-    return patches
-
-
-def model_head_dim(model_dir: str) -> int:
-    """The attention head size from the checkpoint's config.json (vLLM's CPU attention ISA depends on it)."""
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-
-
-def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm",
-                  engine_args: tuple[str, ...] = (), attention_isa: str | None = None) -> dict[str, Any]:
-    """What selects the kernels, and with them the bits: backend, compile mode, threads, and on
-    CUDA the sizes the engine is compiled for (``engine_args.compile_shape``).
-    ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
-    import torch
-
-    if cuda:
-        if not invariance:
-            return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "off"}
-        from invariant.kernels.gpu import identity
-        from invariant.kernels.gpu.device import arch_of
-
-        # Upstream's invariant mode, with RMSNorm on our row kernels (invariant.worker.plugin):
-        # their source, pinned constants and Triton version decide those bits.
-        arch = gpu_arch or arch_of(torch.device("cuda"))
-        return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "attention": GPU_INVARIANT_ATTENTION, "gemm": gemm, "invariant_kernels": identity(arch),
-                "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
-    config: dict[str, Any] = {
-        "backend": "cpu",
-        # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation
-        # depends on the ISA it detects at run time: the CPU worker runs eager, with no compile at all.
-        "enforce_eager": True,
-        "torch_compile": "disabled",
-        "threads": torch.get_num_threads(),
-        "batch_invariant": "invariant-cpu" if invariance else "off",
-        "attn_split_kv": not invariance and os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "1") != "0",
-    }
-    if attention_isa is not None:
-        # vLLM's CPU attention kernel comes in ISA variants (amx, vec, vec16, ...) of other arithmetic.
-        config["attention_isa"] = attention_isa
-    if invariance:
-        from invariant.kernels.cpu import native
-
-        # Our kernels' machine code decides the bits: source digest, compiler and flags.
-        config["cpu_kernels_build"] = native.build_identity()
-    return config
 
 
 def check_cpu_invariance_ready() -> None:
@@ -170,12 +97,7 @@ def vllm_argv(options: WorkerOptions, *, dtype: str, fingerprint: str, cuda: boo
     ]
     if options.max_model_len is not None:
         argv += ["--max-model-len", str(options.max_model_len)]
-    if not cuda:
-        argv += ["--enforce-eager"]
-    elif options.invariance:
-        argv += ["--attention-backend", GPU_INVARIANT_ATTENTION,
-                 "--compilation-config", json.dumps({"inductor_compile_config": inductor_patches()})]
-    return argv + list(options.extra_vllm_args)
+    return argv + numerics.vllm_args(cuda=cuda, invariance=bool(options.invariance)) + list(options.extra_vllm_args)
 
 
 def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str], WorkerState]:
@@ -189,13 +111,13 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     if not cuda:
         from invariant.worker import plugin
 
-        isa = plugin.attention_isa(dtype, model_head_dim(options.model), invariance=invariance)
+        isa = plugin.attention_isa(dtype, numerics.model_head_dim(options.model), invariance=invariance)
     parts = collect_parts(
         model_dir=options.model,
         dtype=dtype,
         tensor_parallel_size=options.tensor_parallel_size,
         invariance=invariance,
-        kernel_config=kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm,
+        kernel_config=numerics.kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm,
                                     engine_args=options.extra_vllm_args, attention_isa=isa),
     )
     fingerprint = compute_fingerprint(parts)
