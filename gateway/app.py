@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from invariant.contract import routes
+from invariant.gateway.call import CallError
 from invariant.gateway.config import PATHS, GatewayConfig
 from invariant.gateway.errors import openai_error
 from invariant.gateway.keys import RequestError
@@ -78,12 +79,16 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
         try:
             payload = await request.json()
+            if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
+                raise RequestError("the body must be a JSON object with a 'request' object in it")
             kind = payload.get("kind", "completions")
             if kind not in PATHS:
                 raise RequestError("'kind' must be completions or chat")
-            report = await gateway.verify(kind, payload.get("request") or {}, tenant)
+            report = await gateway.verify(kind, payload["request"], tenant)
             # 409: a stored entry differs from its replay (it was evicted); 200: all stored ones match.
             return JSONResponse(report, status_code=200 if report["match"] else 409)
+        except CallError as exc:
+            return openai_error(exc.status, exc.message, exc.type_, exc.code, exc.param)
         except (ValueError, RequestError) as exc:
             return openai_error(400, str(exc), "invalid_request_error")
         except UpstreamError as exc:

@@ -22,13 +22,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from invariant.gateway import live as live_mod
 from invariant.gateway.auth import Tenant
-from invariant.gateway.config import PATHS, GatewayConfig, ModelPolicy, cache_namespace
+from invariant.gateway.call import Call, CallError
+from invariant.gateway.config import PATHS, GatewayConfig, ModelPolicy
 from invariant.gateway.errors import openai_error
-from invariant.gateway.keys import RequestError, Resolved, bypass_reason, key_for_choice, resolve, store_allowed
+from invariant.gateway.keys import RequestError, Resolved, bypass_reason, resolve
 from invariant.gateway.limits import RateLimiter
 from invariant.gateway.live import Live
 from invariant.gateway.lru import Lru
 from invariant.gateway.metrics import Metrics
+from invariant.gateway.singleflight import LOCAL, SingleFlight
 from invariant.gateway.records import Record, covers, etag, record_from_choice, render_response, render_stream, truncate
 from invariant.gateway.store import Store
 from invariant.gateway.upstream import Endpoint, UpstreamError, UpstreamRejected, Upstreams
@@ -42,7 +44,7 @@ class HotEntry:
     records: list[Record]
     headers: dict[str, str]
     body_tail: bytes | None  # the JSON response after its "id" and "created"; None for streamed requests
-    request: dict[str, Any]  # the parsed request (streaming flags)
+    call: Call  # the call it answered (streaming flags)
 
 
 HOT_ENTRIES = 4096
@@ -56,9 +58,7 @@ class Gateway:
         self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout)
         self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
         self.limiter = RateLimiter()
-        self._inflight: dict[str, asyncio.Task] = {}
-        self._live: dict[str, Live] = {}  # entries generated right now with a streamed upstream call
-        self._inflight_max: dict[str, int | None] = {}  # max_tokens each in-flight generation runs to
+        self.flights = SingleFlight(self.store, config.lock_ttl_ms)  # gateway/singleflight.py
         # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
         # them. Sound because entries are immutable: same bytes, same fingerprint, same answer.
         self._hot: Lru[tuple, HotEntry] = Lru(HOT_ENTRIES, time.monotonic)
@@ -81,10 +81,11 @@ class Gateway:
             up["logprobs"], up["top_logprobs"] = True, 0
         return up
 
-    async def generate(self, ep: Endpoint, resolved: Resolved, body: dict[str, Any], choice: int) -> Record:
+    async def generate(self, ep: Endpoint, call: Call, choice: int) -> Record:
+        resolved = call.resolved
         started = time.perf_counter()
         try:
-            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, body, choice))
+            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, call.body, choice))
         except (UpstreamError, UpstreamRejected):
             self.metrics.upstream_calls.labels(resolved.model, "error").inc()
             raise
@@ -94,25 +95,24 @@ class Gateway:
         return record_from_choice(resolved.kind, data["choices"][0], usage.get("prompt_tokens", 0),
                                   data["system_fingerprint"], data.get("created", int(time.time())))
 
-    async def generate_with_retry(self, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
-                                  choice: int) -> Record:
+    async def generate_with_retry(self, call: Call, choice: int) -> Record:
         """Try replicas of the same fingerprint in turn; a different fingerprint is another key."""
-        fingerprint = candidates[0].fingerprint
+        fingerprint = call.candidates[0].fingerprint
         last: UpstreamError | None = None
-        for ep in [c for c in candidates if c.fingerprint == fingerprint]:
+        for ep in [c for c in call.candidates if c.fingerprint == fingerprint]:
             try:
-                return await self.generate(ep, resolved, body, choice)
+                return await self.generate(ep, call, choice)
             except UpstreamError as exc:
                 last = exc
                 log.warning("retrying on another replica: %s", exc.message)
         raise last or UpstreamError(503, "no healthy worker")
 
-    async def generate_live(self, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any], choice: int,
-                            live: Live, publish: str | None) -> Record:
-        """Like ``generate_with_retry``, but streamed from the worker into ``live`` (and, with
-        ``publish``, into that entry's Redis Stream for followers on other replicas)."""
+    async def generate_live(self, call: Call, live: Live, publish: str | None) -> Record:
+        """Like ``generate_with_retry`` (choice 0), but streamed from the worker into ``live`` (and,
+        with ``publish``, into that entry's Redis Stream for followers on other replicas)."""
+        resolved, candidates = call.resolved, call.candidates
         fingerprint = candidates[0].fingerprint
-        up = {**self.upstream_body(resolved, body, choice), "stream_options": {"include_usage": True}}
+        up = {**self.upstream_body(resolved, call.body, 0), "stream_options": {"include_usage": True}}
         ttl = self.config.lock_ttl_ms
         last: UpstreamError | None = None
         for ep in [c for c in candidates if c.fingerprint == fingerprint]:
@@ -140,79 +140,65 @@ class Gateway:
             return record
         raise last or UpstreamError(503, "no healthy worker")
 
-    async def fill_live(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
-                        ttl: int, store: bool) -> tuple[Live | None, str]:
+    async def fill_live(self, call: Call, key: str, store: bool) -> tuple[Live | None, str]:
         """``fill`` for a streamed request: returns at once with a ``Live`` view of the generation,
         led here (MISS), or followed (COALESCED) here or on another replica, from its first token."""
-        fingerprint = candidates[0].fingerprint or ""
-        mine = resolved.max_tokens
-        live = self._live.get(key)
+        resolved, flights = call.resolved, self.flights
+        fingerprint, mine = call.fingerprint, resolved.max_tokens
+        live, task = flights.live.get(key), flights.tasks.get(key)
         if live is not None and live_mod.joinable(live.max_tokens, mine):
             return live, "COALESCED"
-        task = self._inflight.get(key)
-        if task is not None and live_mod.joinable(self._inflight_max.get(key), mine):
+        if task is not None and live_mod.joinable(flights.max_tokens.get(key), mine):
             # a non-streamed generation of this entry is under way here
             return self._live_from_task(resolved.kind, fingerprint, task), "COALESCED"
-        if live is not None or task is not None:  # a shorter one is under way here: not for us
+        if task is not None:  # a shorter one is under way here: not for us
             return None, "MISS"
-        token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
-        if token is None:  # another replica leads: follow its stream
+        claim = await flights.claim(key, mine, store)
+        if claim.how == "peer":  # another replica leads: follow its stream
             follower = Live(resolved.kind, fingerprint)
 
             async def stored() -> Record | None:
                 record, _ = await self.store.get(key)
-                return record if record is not None and covers(record, resolved.max_tokens) else None
+                return record if record is not None and covers(record, mine) else None
 
             deadline = asyncio.get_running_loop().time() + self.config.lock_ttl_ms / 1000
             self._spawn(live_mod.follow_remote(self.store, key, follower, deadline=deadline, stored=stored,
                                                wanted=mine))
             return follower, "COALESCED"
-        if store:
-            record, _ = await self.store.get(key)
-            if record is not None and covers(record, resolved.max_tokens):
-                if token != "local":
-                    await self.store.unlock(key, token)
-                done = Live(resolved.kind, fingerprint)
-                done.finish(record)
-                return done, "COALESCED"
-        if store and (self._live.get(key) is not None or self._inflight.get(key) is not None):
-            # another request here started it meanwhile: join that one instead
-            if token != "local":
-                await self.store.unlock(key, token)
-            return await self.fill_live(key, candidates, resolved, body, ttl, store)
+        if claim.how == "stored":
+            done = Live(resolved.kind, fingerprint)
+            done.finish(claim.record)
+            return done, "COALESCED"
+        if claim.how == "raced":  # another request here started it meanwhile: join that one instead
+            return await self.fill_live(call, key, store)
+        token = claim.token
         live = Live(resolved.kind, fingerprint, mine)
-        publish = key if store and token != "local" else None
+        publish = key if store and token != LOCAL else None
+        lock_ttl = self.config.lock_ttl_ms
 
         async def lead() -> Record:
             try:
                 if publish:
-                    await self.store.live_publish(key, live_mod.event_max_tokens(mine), self.config.lock_ttl_ms)
-                record = await self.generate_live(candidates, resolved, body, 0, live, publish)
+                    await self.store.live_publish(key, live_mod.event_max_tokens(mine), lock_ttl)
+                record = await self.generate_live(call, live, publish)
                 if store:
-                    await self.store.put(key, record, ttl)
+                    await self.store.put(key, record, call.policy.ttl_seconds)
                 live.finish(record)
                 if publish:
-                    await self.store.live_publish(key, live_mod.EVENT_DONE, self.config.lock_ttl_ms)
+                    await self.store.live_publish(key, live_mod.EVENT_DONE, lock_ttl)
                 return record
             except BaseException as exc:
                 live.fail(getattr(exc, "message", None) or str(exc) or type(exc).__name__, exc)
                 if publish:
-                    await self.store.live_publish(key, live_mod.event_error(live.error or "failed"),
-                                                  self.config.lock_ttl_ms)
+                    await self.store.live_publish(key, live_mod.event_error(live.error or "failed"), lock_ttl)
                 raise
             finally:
-                if self._live.get(key) is live:
-                    self._inflight.pop(key, None)
-                    self._inflight_max.pop(key, None)
-                    self._live.pop(key, None)
-                if store and token != "local":
-                    await self.store.unlock(key, token)
+                flights.untrack(key, task)
+                await flights.release(key, token)
 
         task = asyncio.get_running_loop().create_task(lead())
         task.add_done_callback(_retrieve)
-        self._live[key] = live
-        self._inflight[key] = task
-        self._inflight_max[key] = mine
+        flights.track(key, task, mine, live)
         return live, "MISS"
 
     def _live_from_task(self, kind: str, fingerprint: str, task: asyncio.Task) -> Live:
@@ -235,53 +221,42 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def fill(self, key: str, candidates: list[Endpoint], resolved: Resolved, body: dict[str, Any],
-                   choice: int, ttl: int, store: bool) -> tuple[Record, str]:
+    async def fill(self, call: Call, key: str, choice: int, store: bool) -> tuple[Record, str]:
         """Generate one entry once across concurrent requests (here and on other replicas).
 
         Returns the record and how this caller got it: MISS (it led) or COALESCED (it followed).
         The generation runs in its own task: a leader's client hanging up does not cancel it.
         """
-        task = self._inflight.get(key)
-        if task is not None and live_mod.joinable(self._inflight_max.get(key), resolved.max_tokens):
+        flights, mine = self.flights, call.resolved.max_tokens
+        task = flights.tasks.get(key)
+        if task is not None and live_mod.joinable(flights.max_tokens.get(key), mine):
             return await asyncio.shield(task), "COALESCED"
         if task is not None:  # a shorter generation of this entry is under way: make our own, unshared
-            return await self.generate_with_retry(candidates, resolved, body, choice), "MISS"
-        token = await self.store.lock(key, self.config.lock_ttl_ms) if store else "local"
-        if token is None:  # another replica generates: wait for its entry
-            record = await self._await_peer(key, resolved.max_tokens)
+            return await self.generate_with_retry(call, choice), "MISS"
+        claim = await flights.claim(key, mine, store)
+        if claim.how == "peer":  # another replica generates: wait for its entry
+            record = await self._await_peer(key, mine)
             if record is not None:
                 return record, "COALESCED"
-            token = "local"
-        # Double-check: a leader may have stored the entry (and released its lock) between this
-        # request's lookup and its lock; and another request here may have started meanwhile.
-        if store:
-            record, _ = await self.store.get(key)
-            if record is not None and covers(record, resolved.max_tokens):
-                if token != "local":
-                    await self.store.unlock(key, token)
-                return record, "COALESCED"
-        task = self._inflight.get(key)
-        if task is not None:
-            if store and token != "local":
-                await self.store.unlock(key, token)
-            return await self.fill(key, candidates, resolved, body, choice, ttl, store)
+            claim = await flights.claim(key, mine, store, lock=False)  # it gave up: lead, unlocked
+        if claim.how == "stored":
+            return claim.record, "COALESCED"
+        if claim.how == "raced":
+            return await self.fill(call, key, choice, store)
+        token = claim.token
 
         async def lead() -> Record:
             try:
-                record = await self.generate_with_retry(candidates, resolved, body, choice)
+                record = await self.generate_with_retry(call, choice)
                 if store:
-                    await self.store.put(key, record, ttl)
+                    await self.store.put(key, record, call.policy.ttl_seconds)
                 return record
             finally:
-                self._inflight.pop(key, None)
-                self._inflight_max.pop(key, None)
-                if store and token != "local":
-                    await self.store.unlock(key, token)
+                flights.untrack(key, task)
+                await flights.release(key, token)
 
         task = asyncio.get_running_loop().create_task(lead())
-        self._inflight[key] = task
-        self._inflight_max[key] = resolved.max_tokens
+        flights.track(key, task, mine)
         return await asyncio.shield(task), "MISS"
 
     async def _await_peer(self, key: str, max_tokens: int | None) -> Record | None:
@@ -318,52 +293,34 @@ class Gateway:
         hot = self._hot_get(hot_key)
         if hot is not None:
             self.metrics.cache.labels("hit").inc()
-            self._maybe_reverify(kind, hot.request, tenant)
-            return self._hot_response(kind, hot)
+            self._maybe_reverify(hot.call)
+            return self._hot_response(hot)
         try:
             body = json.loads(raw)
         except ValueError:
             return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
         if not isinstance(body, dict):
             return openai_error(400, "The request body must be a JSON object.", "invalid_request_error")
-        model = body.get("model")
-        if model not in self.upstreams.models:
-            return openai_error(404, f"The model `{model}` does not exist.", "invalid_request_error",
-                                "model_not_found", "model")
-        candidates = self.upstreams.candidates(model)
-        if not candidates:
-            return openai_error(503, f"No worker for `{model}` is ready.", "server_error", "model_unavailable")
-        ep = candidates[0]
         try:
-            resolved = resolve(kind, body, ep.defaults)
-        except RequestError as exc:
-            return openai_error(400, str(exc), "invalid_request_error")
-        if resolved.max_tokens is not None and resolved.max_tokens > self.config.max_tokens_limit:
-            return openai_error(400, f"'max_tokens' exceeds this gateway's limit of {self.config.max_tokens_limit}.",
-                                "invalid_request_error", param="max_tokens")
-
-        policy = self.config.policies.get(model, ModelPolicy())
-        namespace = cache_namespace(policy, tenant)
-        cache_control = request.headers.get("cache-control")
+            call = self.shape(kind, body, tenant, request.headers.get("cache-control"))
+        except CallError as exc:
+            return openai_error(exc.status, exc.message, exc.type_, exc.code, exc.param)
+        resolved, model, ep = call.resolved, call.model, call.candidates[0]
         headers = {"x-invariant-fingerprint": ep.fingerprint or ""}
-        reason = bypass_reason(resolved, cache_control)
+        reason = bypass_reason(resolved, call.cache_control)
         try:
             if reason is not None:
                 self.metrics.cache.labels("bypass").inc()
-                records = await asyncio.gather(*(self.generate_with_retry(candidates, resolved, body, i)
-                                                  for i in range(resolved.n)))
+                records = await asyncio.gather(*(self.generate_with_retry(call, i) for i in range(resolved.n)))
                 outcome = "BYPASS"
                 headers["x-invariant-bypass-reason"] = reason
-            elif live_capable(resolved, body):
-                live_response = await self._live_response(kind, resolved, body, candidates, namespace, policy,
-                                                          store_allowed(cache_control), model, headers)
+            elif call.live_capable:
+                live_response = await self._live_response(call, headers)
                 if live_response is not None:
                     return live_response
-                records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
-                                                                store_allowed(cache_control))
+                records, outcome, redis_ok = await self._cached(call)
             else:
-                records, outcome, redis_ok = await self._cached(resolved, body, candidates, namespace, policy,
-                                                                store_allowed(cache_control))
+                records, outcome, redis_ok = await self._cached(call)
                 if not redis_ok:
                     headers["x-invariant-cache-degraded"] = "redis-unavailable"
         except UpstreamRejected as exc:
@@ -374,33 +331,30 @@ class Gateway:
         records = [truncate(r, resolved.max_tokens) for r in records]
         headers["x-invariant-cache"] = outcome
         if outcome == "HIT":
-            self._maybe_reverify(kind, body, tenant)
+            self._maybe_reverify(call)
         headers["etag"] = etag([r.token_ids for r in records])
         request_id, created = new_response_id(kind), int(time.time())
         tail = None
-        if not body.get("stream"):
+        if not call.stream:
             payload = render_response(kind, records, request_id=request_id, model=model, created=created,
-                                      want_logprobs=bool(body.get("logprobs")),
-                                      want_token_ids=bool(body.get("return_token_ids")))
+                                      want_logprobs=call.want_logprobs, want_token_ids=call.want_token_ids)
             tail = _json_tail(payload)
-        if outcome != "BYPASS" and store_allowed(cache_control) and "x-invariant-cache-degraded" not in headers:
+        if outcome != "BYPASS" and call.store_allowed and "x-invariant-cache-degraded" not in headers:
             self._hot_put(hot_key, HotEntry(model=model, fingerprint=ep.fingerprint or "",
-                                            expires=time.monotonic() + min(HOT_SECONDS, policy.ttl_seconds),
+                                            expires=time.monotonic() + min(HOT_SECONDS, call.policy.ttl_seconds),
                                             records=records, headers=dict(headers, **{"x-invariant-cache": "HIT"}),
-                                            body_tail=tail, request=body))
+                                            body_tail=tail, call=call))
         if tail is None:
-            return self._stream(kind, body, records, request_id, model, created, headers)
+            return self._stream(call, records, request_id, created, headers)
         return Response(_json_with_head(request_id, created, tail), media_type="application/json", headers=headers)
 
-    async def _live_response(self, kind: str, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint],
-                             namespace: str, policy: ModelPolicy, store: bool, model: str,
-                             headers: dict[str, str]) -> Response | None:
+    async def _live_response(self, call: Call, headers: dict[str, str]) -> Response | None:
         """A streamed miss: stream the generation as it happens (None: it is a hit, answer as usual)."""
-        key = key_for_choice(resolved, candidates[0].fingerprint or "", 0, namespace)
+        key = call.key(0)
         record, redis_ok = await self.store.get(key)
-        if record is not None and covers(record, resolved.max_tokens):
+        if record is not None and covers(record, call.resolved.max_tokens):
             return None
-        live, outcome = await self.fill_live(key, candidates, resolved, body, policy.ttl_seconds, store and redis_ok)
+        live, outcome = await self.fill_live(call, key, call.store_allowed and redis_ok)
         if live is None:  # a shorter generation of this entry runs here: answer on the ordinary path
             return None
         await live.started()
@@ -415,23 +369,20 @@ class Gateway:
         headers = dict(headers, **{"x-invariant-cache": outcome, "x-invariant-live": "1"})
         if not (redis_ok and self.store.available):
             headers["x-invariant-cache-degraded"] = "redis-unavailable"
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        stream = live_mod.render(live, request_id=new_response_id(kind), model=model, created=int(time.time()),
-                                 want_logprobs=bool(body.get("logprobs")),
-                                 want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage,
-                                 max_tokens=resolved.max_tokens,
-                                 own=lambda: self.generate_with_retry(candidates, resolved, body, 0))
+        stream = live_mod.render(live, request_id=new_response_id(call.kind), model=call.model, created=int(time.time()),
+                                 want_logprobs=call.want_logprobs, want_token_ids=call.want_token_ids,
+                                 include_usage=call.include_usage, max_tokens=call.resolved.max_tokens,
+                                 own=lambda: self.generate_with_retry(call, 0))
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
-    def _stream(self, kind: str, body: dict[str, Any], records: list[Record], request_id: str, model: str,
-                created: int, headers: dict[str, str]) -> StreamingResponse:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = list(render_stream(kind, records, request_id=request_id, model=model, created=created,
-                                    want_logprobs=bool(body.get("logprobs")),
-                                    want_token_ids=bool(body.get("return_token_ids")), include_usage=include_usage))
+    def _stream(self, call: Call, records: list[Record], request_id: str, created: int,
+                headers: dict[str, str]) -> StreamingResponse:
+        chunks = list(render_stream(call.kind, records, request_id=request_id, model=call.model, created=created,
+                                    want_logprobs=call.want_logprobs, want_token_ids=call.want_token_ids,
+                                    include_usage=call.include_usage))
         return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
 
-    def _maybe_reverify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> None:
+    def _maybe_reverify(self, call: Call) -> None:
         """Replay a sample of hits on a worker in the background: a determinism canary and a
         cache-poisoning alarm (mismatches are counted in invariant_gateway_verify_total)."""
         if self.config.verify_sample <= 0 or random.random() >= self.config.verify_sample or self._verifying.locked():
@@ -440,7 +391,7 @@ class Gateway:
         async def run() -> None:
             async with self._verifying:
                 try:
-                    report = await self.verify(kind, body, tenant)
+                    report = await self.verify(call.kind, call.body, call.tenant)
                     if not report["match"]:
                         log.error("cache entry differs from a fresh generation: %s", report)
                 except Exception as exc:  # noqa: BLE001 - a failed replay is not a request failure
@@ -466,17 +417,16 @@ class Gateway:
     def _hot_put(self, key: tuple, entry: HotEntry) -> None:
         self._hot.put(key, entry, entry.expires)
 
-    def _hot_response(self, kind: str, hot: HotEntry) -> Response:
-        request_id, created = new_response_id(kind), int(time.time())
+    def _hot_response(self, hot: HotEntry) -> Response:
+        request_id, created = new_response_id(hot.call.kind), int(time.time())
         if hot.body_tail is None:  # a streamed request
-            return self._stream(kind, hot.request, hot.records, request_id, hot.model, created, dict(hot.headers))
+            return self._stream(hot.call, hot.records, request_id, created, dict(hot.headers))
         return Response(_json_with_head(request_id, created, hot.body_tail), media_type="application/json",
                         headers=hot.headers)
 
-    async def _cached(self, resolved: Resolved, body: dict[str, Any], candidates: list[Endpoint], namespace: str,
-                      policy: ModelPolicy, store: bool) -> tuple[list[Record], str, bool]:
-        fingerprint = candidates[0].fingerprint or ""
-        keys = [key_for_choice(resolved, fingerprint, i, namespace) for i in range(resolved.n)]
+    async def _cached(self, call: Call) -> tuple[list[Record], str, bool]:
+        resolved, store = call.resolved, call.store_allowed
+        keys = [call.key(i) for i in range(resolved.n)]
         unique = list(dict.fromkeys(keys))
         found: dict[str, Record] = {}
         redis_ok = True
@@ -489,8 +439,7 @@ class Gateway:
         if not missing:
             self.metrics.cache.labels("hit").inc()
             return [found[k] for k in keys], "HIT", redis_ok
-        results = await asyncio.gather(*(self.fill(k, candidates, resolved, body, keys.index(k), policy.ttl_seconds,
-                                                   store and redis_ok) for k in missing))
+        results = await asyncio.gather(*(self.fill(call, k, keys.index(k), store and redis_ok) for k in missing))
         outcomes = {how for _, how in results}
         for k, (record, _) in zip(missing, results):
             found[k] = record
@@ -498,23 +447,38 @@ class Gateway:
         self.metrics.cache.labels(outcome.lower()).inc()
         return [found[k] for k in keys], outcome, redis_ok and self.store.available
 
+    def shape(self, kind: str, body: dict[str, Any], tenant: Tenant, cache_control: str | None = None) -> Call:
+        """The request as one call: model known, a worker ready, resolved as that worker resolves it,
+        within this gateway's limits; otherwise the refusal (CallError) a client gets."""
+        model = body.get("model")
+        if not isinstance(model, str) or model not in self.upstreams.models:
+            raise CallError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+        candidates = self.upstreams.candidates(model)
+        if not candidates:
+            raise CallError(503, f"No worker for `{model}` is ready.", "server_error", "model_unavailable")
+        try:
+            resolved = resolve(kind, body, candidates[0].defaults)
+        except RequestError as exc:
+            raise CallError(400, str(exc)) from exc
+        if resolved.max_tokens is not None and resolved.max_tokens > self.config.max_tokens_limit:
+            raise CallError(400, f"'max_tokens' exceeds this gateway's limit of {self.config.max_tokens_limit}.",
+                            param="max_tokens")
+        return Call(kind=kind, body=body, resolved=resolved, tenant=tenant,
+                    policy=self.config.policies.get(model, ModelPolicy()), candidates=tuple(candidates),
+                    cache_control=cache_control)
+
     async def verify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
         """Replay a stored entry on a worker, bypassing the cache, and compare bits."""
-        model = body.get("model")
-        candidates = self.upstreams.candidates(model) if model in self.upstreams.models else []
-        if not candidates:
-            raise UpstreamError(503, f"no worker for `{model}` is ready")
-        resolved = resolve(kind, body, candidates[0].defaults)
-        namespace = cache_namespace(self.config.policies.get(model, ModelPolicy()), tenant)
+        call = self.shape(kind, body, tenant)
+        model, candidates = call.model, call.candidates
         results = []
-        for i in range(resolved.n):
-            key = key_for_choice(resolved, candidates[0].fingerprint or "", i, namespace)
+        for i in range(call.resolved.n):
+            key = call.key(i)
             stored, _ = await self.store.get(key)
             if stored is None:
                 results.append({"choice": i, "stored": False})
                 continue
-            replay_body = dict(body, max_tokens=len(stored.token_ids))
-            fresh = await self.generate_with_retry(candidates, resolved, replay_body, i)
+            fresh = await self.generate_with_retry(call.with_body(max_tokens=len(stored.token_ids)), i)
             same_ids = fresh.token_ids == stored.token_ids
             same_lp = fresh.logprobs == stored.logprobs
             self.metrics.verify.labels("match" if same_ids and same_lp else "mismatch").inc()
@@ -530,11 +494,6 @@ class Gateway:
             results.append(result)
         return {"fingerprint": candidates[0].fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
-
-
-def live_capable(resolved: Resolved, body: dict[str, Any]) -> bool:
-    """Streamed, one choice, and no tool calls (whose streamed deltas are fragments, not tokens)."""
-    return bool(body.get("stream")) and resolved.n == 1 and not body.get("tools") and not body.get("functions")
 
 
 def _retrieve(task: asyncio.Task) -> None:

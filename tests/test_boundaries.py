@@ -11,6 +11,8 @@ import pytest
 MODULES = {
     "gateway": ["invariant.gateway.app", "invariant.gateway.server", "invariant.gateway.discovery"],
     "operator": ["invariant.operator.handlers", "invariant.operator.crd"],
+    "contract": ["invariant.contract." + m for m in
+                 ("crd", "fingerprint", "routes", "cache", "engine_args", "worker_argv", "net")],
 }
 
 
@@ -19,6 +21,19 @@ def test_component_imports_no_engine(component):
     code = ("import sys, " + ", ".join(MODULES[component]) + "\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'transformers') "
             "or m.startswith(('invariant.worker', 'invariant.kernels')))\n"
+            "print(','.join(bad))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("component", ["gateway", "operator", "contract"])
+def test_the_contract_imports_no_component_and_no_tool(component):
+    """The contract is imported by everyone and imports no one: no worker, kernels, gateway,
+    operator or tool module comes with it (the gateway and operator bring the contract only)."""
+    code = ("import sys, " + ", ".join(MODULES[component]) + "\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('invariant.') and not m.startswith("
+            f"('invariant.contract', 'invariant.{component}')))\n"
             "print(','.join(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

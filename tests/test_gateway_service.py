@@ -442,3 +442,14 @@ def test_single_flight_across_two_gateway_replicas(worker_pair, redis_server, tm
     finally:
         for g in replicas:
             g.stop()
+
+
+def test_verify_refuses_malformed_bodies_and_unknown_models(gateway, worker):
+    for bad in ([1, 2], {"request": [1]}, {"request": "x"}, {"kind": "images", "request": {"model": worker.name}}):
+        res = httpx.post(f"{gateway.url}/invariant/verify", json=bad, timeout=30)
+        assert res.status_code == 400 and res.json()["error"]["type"] == "invalid_request_error", (bad, res.text)
+    res = httpx.post(f"{gateway.url}/invariant/verify", json={"request": {"model": "nope", "prompt": "x"}}, timeout=30)
+    assert res.status_code == 404 and res.json()["error"]["code"] == "model_not_found"
+    res = httpx.post(f"{gateway.url}/invariant/verify", timeout=30,
+                     json={"request": {"model": worker.name, "prompt": "x", "temperature": "hot"}})
+    assert res.status_code == 400 and "temperature" in res.json()["error"]["message"]
