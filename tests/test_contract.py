@@ -99,3 +99,16 @@ def test_fingerprint_format():
     assert fingerprint.is_fingerprint("inv-0123456789abcdef")
     for bad in ("inv-0123456789ABCDEF", "inv-0123", "xnv-0123456789abcdef", None, 7, "inv-0123456789abcdef\n"):
         assert not fingerprint.is_fingerprint(bad)
+
+
+def test_every_image_copies_every_package_folder():
+    """A package folder missing from an image's COPY lines breaks its pip install (the contract
+    folder is imported by all three)."""
+    import tomllib
+
+    folders = {d.split("/")[0] for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+               ["package-dir"].values()} | {"invariant"}
+    for image in ("gateway", "operator", "worker"):
+        text = (ROOT / image / "Dockerfile").read_text()
+        missing = sorted(f for f in folders if f"COPY {f} ./{f}" not in text)
+        assert not missing, f"{image}/Dockerfile does not copy {missing}"
