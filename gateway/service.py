@@ -36,6 +36,8 @@ from invariant.gateway.store import Store
 from invariant.gateway.upstream import Endpoint, UpstreamError, UpstreamRejected, Upstreams
 
 log = logging.getLogger("invariant.gateway")
+
+
 @dataclass
 class HotEntry:
     model: str

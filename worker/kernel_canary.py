@@ -72,6 +72,10 @@ class Failure:
                 f"row {self.row} has {self.differing} of {self.width} values other than the row alone")
 
 
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 def _bits(t):
     import torch
 
@@ -150,14 +154,14 @@ def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
 
         def run(x, module=module, method=method, weight=weight, bias=bias):
             if not cpu:
-                return [(str(x.dtype).replace("torch.", ""), method.apply(module, x, bias))]
+                return [(_dtype_name(x), method.apply(module, x, bias))]
             from invariant.kernels.cpu import gemm
 
             outs = [("fp32 sums", gemm.linear(x, weight, bias, out_dtype=torch.float32))]
             # The served dtype through the layer's own call as well, where it is cheap (the dense
             # sizes) and at the budget: elsewhere its bits are the fp32 sums' one rounding.
             if x.shape[0] <= DENSE_UP_TO or x.shape[0] == budget:
-                outs.append((str(x.dtype).replace("torch.", ""), method.apply(module, x, bias)))
+                outs.append((_dtype_name(x), method.apply(module, x, bias)))
             return outs
 
         cases.append(Case("gemm", name, f"K={k} N={n_out}", k, budget, run, weight.dtype, weight.device,
@@ -186,7 +190,7 @@ def _norm_cases(model, budget: int, hidden: int) -> list[Case]:
         twin = _fp32_twin(module, forward) if dtype != torch.float32 and device.type == "cpu" else None
 
         def plain(x, forward=forward, twin=twin):
-            outs = [(str(x.dtype).replace("torch.", ""), forward(x))]
+            outs = [(_dtype_name(x), forward(x))]
             if twin is not None:
                 outs.append(("fp32", twin(x.float())))
             return outs
@@ -194,7 +198,7 @@ def _norm_cases(model, budget: int, hidden: int) -> list[Case]:
         def fused(x, forward=forward, twin=twin):
             residual = torch.flip(x, dims=(-1,)).contiguous()  # a fixed, row-local residual
             out, res = forward(x.clone(), residual.clone())
-            outs = [(str(x.dtype).replace("torch.", ""), out), ("residual", res)]
+            outs = [(_dtype_name(x), out), ("residual", res)]
             if twin is not None:
                 outs.append(("fp32", twin(x.float(), residual.float())[0]))
             return outs
@@ -268,15 +272,17 @@ def in_model_process(worker: Any) -> dict[str, Any]:
 
 
 def install() -> None:
-    """Make :func:`in_model_process` callable by name through ``collective_rpc`` (plugin)."""
-    from vllm.v1.worker.worker_base import WorkerWrapperBase
+    """Make :func:`in_model_process` callable through ``collective_rpc`` (plugin)."""
+    from invariant.worker import probe
 
-    setattr(WorkerWrapperBase, RPC_METHOD, lambda wrapper: in_model_process(wrapper.worker))
+    probe.expose(RPC_METHOD, in_model_process)
 
 
 async def ask(engine_client) -> list[dict[str, Any]]:
-    """Every model process's result (the worker's edge to :func:`in_model_process`)."""
-    return list(await engine_client.collective_rpc(RPC_METHOD, timeout=600))
+    """Every model process's result, through the engine."""
+    from invariant.worker import probe
+
+    return await probe.ask_all(engine_client, RPC_METHOD, timeout=600)
 
 
 def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:

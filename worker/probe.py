@@ -21,16 +21,27 @@ from typing import Any, Mapping
 RPC_METHOD = "invariant_kernel_report"
 
 
-def install() -> None:
-    """Make :func:`kernel_report` callable by name through ``collective_rpc`` (plugin, both CPU modes)."""
+def expose(name: str, fn) -> None:
+    """Make ``fn(worker)`` callable by ``name`` through vLLM's ``collective_rpc`` in this model
+    process (the plugin does it in every one; the kernel probe and the kernel canary use it)."""
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    setattr(WorkerWrapperBase, RPC_METHOD, lambda wrapper: kernel_report(wrapper.worker))
+    setattr(WorkerWrapperBase, name, lambda wrapper: fn(wrapper.worker))
+
+
+async def ask_all(engine_client, name: str, timeout: float) -> list[dict[str, Any]]:
+    """Every model process's answer to the RPC ``name`` (the worker's edge to an exposed function)."""
+    return list(await engine_client.collective_rpc(name, timeout=timeout))
+
+
+def install() -> None:
+    """Make :func:`kernel_report` callable through ``collective_rpc`` (plugin, both CPU modes)."""
+    expose(RPC_METHOD, kernel_report)
 
 
 async def ask(engine_client) -> list[dict[str, Any]]:
-    """Every model process's report, through the engine (the worker's edge to :func:`kernel_report`)."""
-    return list(await engine_client.collective_rpc(RPC_METHOD, timeout=60))
+    """Every model process's report, through the engine."""
+    return await ask_all(engine_client, RPC_METHOD, timeout=60)
 
 
 def kernel_report(worker: Any) -> dict[str, Any]:

@@ -161,6 +161,12 @@ async def warm_up(engine_client, state: WorkerState, *, invariance: bool) -> Non
     log.info("invariant worker ready: fingerprint %s", state.fingerprint)
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line for a readiness reason (vLLM's RPC errors carry tracebacks)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 async def kernels_as_fingerprinted(engine_client, state: WorkerState) -> bool:
     """Ask every model process which kernels it runs (invariant.worker.probe); on a disagreement with
     the fingerprint, mark the worker failed with the reason and return False."""
@@ -169,7 +175,7 @@ async def kernels_as_fingerprinted(engine_client, state: WorkerState) -> bool:
     try:
         reports = await probe.ask(engine_client)
     except Exception as exc:  # noqa: BLE001 - vLLM says "not implemented" where the plugin is missing
-        problems = [f"the kernel probe failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+        problems = [f"the kernel probe failed ({_first_line(exc)}): "
                     "invariant's vLLM plugin is not loaded in the model process (VLLM_PLUGINS?)"]
     else:
         state.kernel_reports = reports
@@ -192,7 +198,7 @@ async def kernels_row_invariant(engine_client, state: WorkerState) -> bool:
         result = kernel_canary.verdict(await kernel_canary.ask(engine_client))
     except Exception as exc:  # noqa: BLE001 - a missing RPC means the plugin is not loaded there
         result = {"ok": False, "failures": [],
-                  "message": f"kernel canary failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
+                  "message": f"kernel canary failed: {_first_line(exc)}"}
     result["wall_seconds"] = round(time.perf_counter() - started, 3)
     state.kernel_canary = result
     if not result["ok"]:
