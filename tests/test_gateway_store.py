@@ -52,3 +52,25 @@ def test_a_failed_put_keeps_the_entry_on_this_replica():
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_evicting_with_redis_down_still_drops_the_local_copy():
+    """A poisoned entry found while Redis is unreachable: this replica stops serving it at once
+    (its copy goes), and the evict reports that Redis did not take the delete."""
+    server = RedisServer(free_port()).start()
+
+    async def scenario():
+        store = Store(server.url, Metrics(), timeout=0.1)
+        try:
+            assert await store.put("k3", RECORD, 60)
+            server.stop()
+            assert await store.evict("k3") is False  # Redis gone mid-way: the delete did not land
+            record, ok = await store.get("k3")
+            assert record is None and ok is False  # not served from the local copy any more
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
