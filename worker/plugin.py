@@ -23,9 +23,13 @@ What it changes on the CPU, and why each is needed:
 - RMSNorm and fused add + RMSNorm: vLLM's CPU path is torch's mean, whose reduction strategy is
   torch's to choose; ours reduces each row in one fixed order.
 - the logprobs the user sees: our fixed-order log_softmax.
-- attention: vLLM's CPU attention kernel splits the KV sequence across threads when few requests
-  run (``VLLM_CPU_ATTN_SPLIT_KV``), which changes the reduction order with the batch; we turn the
-  split off. Its per-query reduction over the paged cache is otherwise fixed by position.
+- attention: vLLM's CPU attention kernel cuts a request's KV range into tiles sized from the step's
+  work split across threads and the query tokens of a work item, and merges their partial softmaxes;
+  past one tile (about 700 tokens of context here) a query's bits depend on how its prompt was chunked
+  and on the rest of the step, and a decoded token differs from the same row of a prefill (found by
+  the canary's long split-prefill case on Llama; tests/test_kernels_cpu.py). We run our own
+  fixed-order kernel over the same paged cache (invariant.kernels.cpu.attention), whose cache writer
+  stores the plain layout it reads. ``VLLM_CPU_ATTN_SPLIT_KV`` stays off as well.
 - seeded sampling (both modes): see invariant.worker.seeded.
 The sampler's softmax/cumsum/argmax are torch's last-dimension kernels, which reduce a row in one
 thread; tests/test_kernels_cpu.py checks that property alongside our kernels.
@@ -93,6 +97,55 @@ def _rms_norm_forward(self, x, residual=None):
     return rowops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon)
 
 
+def _unsupported_attention(impl, layer) -> str | None:
+    """What of this attention layer our kernel does not compute (None: it computes all of it)."""
+    from vllm.v1.attention.backend import AttentionType
+
+    if impl.attn_type != AttentionType.DECODER:
+        return f"attention type {impl.attn_type}"
+    for name, present in (("ALiBi", impl.alibi_slopes is not None), ("a sliding window", impl.sliding_window != -1),
+                          ("logits soft-capping", bool(impl.logits_soft_cap)), ("attention sinks", impl.sinks is not None),
+                          ("a quantized KV cache", impl.kv_cache_dtype not in ("auto", "bfloat16", "float32"))):
+        if present:
+            return name
+    return None
+
+
+def _attention_forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                       output_scale=None, output_block_scale=None):
+    """vLLM's CPU attention forward on our fixed-order kernel (invariant.kernels.cpu.attention)."""
+    from invariant.kernels.cpu import attention
+
+    if output_scale is not None or output_block_scale is not None:
+        raise NotImplementedError("invariant CPU attention: fused output quantization is not supported")
+    if attn_metadata is None:  # warm-up
+        return output
+    reason = _unsupported_attention(self, layer)
+    if reason is not None:
+        raise NotImplementedError(f"invariant CPU attention does not support {reason}: run with --no-invariance")
+    n = attn_metadata.num_actual_tokens
+    blocks, kv_heads, block_size, _ = kv_cache.size()
+    key_cache, value_cache = kv_cache.view(blocks, kv_heads, block_size * 2, -1).chunk(2, dim=2)
+    out = output[:n].view(n, self.num_heads, self.head_size)
+    attention.paged_attention(query[:n].view(n, self.num_heads, self.head_size), key_cache, value_cache,
+                              attn_metadata.block_table, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                              self.scale, out)
+    return output
+
+
+def _attention_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+    """Keys and values into the paged cache, in the plain layout our attention kernel reads."""
+    from invariant.kernels.cpu import attention
+
+    reason = _unsupported_attention(self, layer)
+    if reason is not None:
+        raise NotImplementedError(f"invariant CPU attention does not support {reason}: run with --no-invariance")
+    blocks, kv_heads, block_size, _ = kv_cache.size()
+    key_cache, value_cache = kv_cache.view(blocks, kv_heads, block_size * 2, -1).chunk(2, dim=2)
+    attention.write_kv(key.view(-1, kv_heads, self.head_size), value.view(-1, kv_heads, self.head_size),
+                       key_cache, value_cache, slot_mapping)
+
+
 def _compute_logprobs(logits):
     from invariant.kernels.cpu import rowops
 
@@ -156,6 +209,10 @@ def apply() -> None:
     RMSNorm.forward_cpu = _rms_norm_forward
     Sampler.compute_logprobs = staticmethod(_compute_logprobs)
     _pin_attention_isa()
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    CPUAttentionBackendImpl.forward = _attention_forward
+    CPUAttentionBackendImpl.do_kv_cache_update = _attention_cache_update
 
 
 def invariant_rms_norm(input, weight, eps: float = 1e-6, residual=None):

@@ -20,7 +20,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("gemm.c", "gemm_avx512.c", "gemm_amx.c", "rowops.c")
+SOURCES = ("gemm.c", "gemm_avx512.c", "gemm_amx.c", "rowops.c", "attention.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared")
 HERE = Path(__file__).resolve().parent
 
@@ -157,4 +157,9 @@ def library() -> ctypes.CDLL:
     lib.invariant_softmax.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.invariant_mean.restype = ctypes.c_int
     lib.invariant_mean.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    i32 = ctypes.c_int32
+    lib.invariant_paged_attention.restype = ctypes.c_int
+    lib.invariant_paged_attention.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr,
+                                              ptr, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i64,
+                                              ctypes.c_int]
     return lib
