@@ -61,15 +61,18 @@ def _fingerprint(model, **env) -> dict:
     return json.loads(out.stdout)
 
 
-def test_the_fingerprint_names_the_gemm_path_and_the_attention_isa(tiny_model):
+def test_the_fingerprint_names_the_gemm_path_and_the_attention_kernel(tiny_model):
     default = _fingerprint(tiny_model)
     kernels = default["parts"]["kernels"]
     assert kernels["cpu_kernels_build"]["gemm_path"] == native.gemm_path()
     from invariant.worker.numerics import model_head_dim
 
     head_dim = model_head_dim(str(tiny_model))
-    assert kernels["attention_isa"] == _fresh_python(
-        f"from invariant.worker import plugin; print(plugin.attention_isa('bfloat16', {head_dim}, invariance=True))")
+    assert kernels["attention"] == "invariant-cpu-paged" and "attention_isa" not in kernels
+    off = json.loads(invariant_cli("fingerprint", "--model", str(tiny_model), "--json", "--no-invariance").stdout)
+    assert off["parts"]["kernels"]["attention_isa"] == _fresh_python(
+        f"from invariant.worker import plugin; print(plugin.attention_isa('bfloat16', {head_dim}, invariance=False))")
+    assert "attention" not in off["parts"]["kernels"]
     assert _fingerprint(tiny_model)["fingerprint"] == default["fingerprint"]  # a pure function of the parts
     forced = _fingerprint(tiny_model, INVARIANT_CPU_GEMM="avx2")
     assert forced["parts"]["kernels"]["cpu_kernels_build"]["gemm_path"] == "avx2"
@@ -181,17 +184,21 @@ def test_a_worker_serves_bf16_on_an_amx_cpu(tiny_model, tmp_path, extra):
 
 # --- the kernel probe ---------------------------------------------------------------------------
 
-KERNELS = {"batch_invariant": "invariant-cpu", "attn_split_kv": False, "attention_isa": "vec",
+KERNELS = {"batch_invariant": "invariant-cpu", "attn_split_kv": False, "attention": "invariant-cpu-paged",
            "cpu_kernels_build": {"gemm_path": "avx512"}}
 GOOD = {"pid": 7, "mode": "cpu", "linear_invariant": 9, "linear_stock": 0, "rms_norm_invariant": True,
-        "logprobs_invariant": True, "attention_isa": ["vec"], "attn_split_kv": False, "gemm_path": "avx512"}
+        "logprobs_invariant": True, "attention_isa": ["vec"], "attention_invariant": True, "attn_split_kv": False,
+        "gemm_path": "avx512"}
 
 
 def test_a_report_that_matches_the_fingerprint_has_no_disagreement():
     assert probe.disagreements(KERNELS, [GOOD, {**GOOD, "pid": 8}]) == []
     stock = {"batch_invariant": "off", "attn_split_kv": True, "attention_isa": "amx"}
-    assert probe.disagreements(stock, [{**GOOD, "mode": "off", "linear_invariant": 0, "linear_stock": 9,
-                                        "attn_split_kv": True, "attention_isa": ["amx"]}]) == []
+    stock_report = {**GOOD, "mode": "off", "linear_invariant": 0, "linear_stock": 9, "attn_split_kv": True,
+                    "attention_isa": ["amx"], "attention_invariant": False}
+    assert probe.disagreements(stock, [stock_report]) == []
+    problems = probe.disagreements(stock, [{**stock_report, "attention_isa": ["vec"], "pid": 99}])
+    assert problems == ["model process 99: attention ISA ['vec'] but the fingerprint names amx"]
 
 
 @pytest.mark.parametrize("change, words", [
@@ -200,8 +207,7 @@ def test_a_report_that_matches_the_fingerprint_has_no_disagreement():
     ({"linear_invariant": 0}, "no linear layer runs invariant's GEMM"),
     ({"rms_norm_invariant": False}, "RMSNorm is not invariant's kernel"),
     ({"logprobs_invariant": False}, "logprobs are not invariant's kernel"),
-    ({"attention_isa": ["amx"]}, "attention ISA ['amx'] but the fingerprint names vec"),
-    ({"attention_isa": ["vec", "amx"]}, "attention ISA"),
+    ({"attention_invariant": False}, "attention is not invariant's kernel"),
     ({"attn_split_kv": True}, "attention KV split on"),
     ({"gemm_path": "avx2"}, "GEMM path avx2 but the fingerprint names avx512"),
 ])
@@ -220,7 +226,8 @@ def test_the_serving_worker_reports_the_kernels_its_fingerprint_names(worker):
     reports = body["kernel_reports"]
     assert reports and probe.disagreements(body["parts"]["kernels"], reports) == []
     assert all(r["mode"] == "cpu" and r["linear_invariant"] > 0 for r in reports)
-    assert reports[0]["attention_isa"] == [body["parts"]["kernels"]["attention_isa"]]
+    assert body["parts"]["kernels"]["attention"] == "invariant-cpu-paged"
+    assert all(r["attention_invariant"] for r in reports)
 
 
 @pytest.mark.engine

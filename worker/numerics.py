@@ -21,6 +21,10 @@ from invariant.contract.engine_args import compile_shape
 GPU_INVARIANT_ATTENTION = "TRITON_ATTN"
 
 
+# The CPU worker's attention in invariant mode: our kernel over vLLM's paged cache (plugin.py says why).
+CPU_INVARIANT_ATTENTION = "invariant-cpu-paged"
+
+
 def inductor_patches() -> dict[str, bool]:
     """Inductor settings an invariant CUDA worker compiles with (as far as the installed torch has them).
 
@@ -79,6 +83,9 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         config["attention_isa"] = attention_isa
     if invariance:
         from invariant.kernels.cpu import native
+
+        # Our fixed-order paged attention (invariant.kernels.cpu.attention), not one of vLLM's ISA variants.
+        config["attention"] = CPU_INVARIANT_ATTENTION
 
         # Our kernels' machine code decides the bits: source digest, compiler and flags.
         config["cpu_kernels_build"] = native.build_identity()

@@ -72,6 +72,7 @@ def kernel_report(worker: Any) -> dict[str, Any]:
         "rms_norm_invariant": RMSNorm.forward_cpu is plugin._rms_norm_forward,
         "logprobs_invariant": Sampler.compute_logprobs is plugin._compute_logprobs,
         "attention_isa": isas,
+        "attention_invariant": _attention_is_ours(plugin),
         "attn_split_kv": os.environ.get("VLLM_CPU_ATTN_SPLIT_KV", "1") != "0",
         "amx_tile_permitted": amx.cpu_has_amx() and amx.tile_permitted(),
     }
@@ -80,6 +81,13 @@ def kernel_report(worker: Any) -> dict[str, Any]:
 
         report["gemm_path"] = native.gemm_path()
     return report
+
+
+def _attention_is_ours(plugin) -> bool:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    return (CPUAttentionBackendImpl.forward is plugin._attention_forward
+            and CPUAttentionBackendImpl.do_kv_cache_update is plugin._attention_cache_update)
 
 
 def disagreements(kernels: Mapping[str, Any], reports: list[Mapping[str, Any]]) -> list[str]:
@@ -103,6 +111,8 @@ def disagreements(kernels: Mapping[str, Any], reports: list[Mapping[str, Any]]) 
                 problems.append(f"{who}: RMSNorm is not invariant's kernel")
             if not r.get("logprobs_invariant"):
                 problems.append(f"{who}: logprobs are not invariant's kernel")
+            if not r.get("attention_invariant"):
+                problems.append(f"{who}: attention is not invariant's kernel")
             want_path = kernels.get("cpu_kernels_build", {}).get("gemm_path")
             if want_path and r.get("gemm_path") != want_path:
                 problems.append(f"{who}: GEMM path {r.get('gemm_path')} but the fingerprint names {want_path}")

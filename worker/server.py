@@ -111,7 +111,9 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     if not cuda:
         from invariant.worker import plugin
 
-        isa = plugin.attention_isa(dtype, numerics.model_head_dim(options.model), invariance=invariance)
+        # In invariant mode attention runs our kernel (numerics names it); stock runs vLLM's ISA variant.
+        if not invariance:
+            isa = plugin.attention_isa(dtype, numerics.model_head_dim(options.model), invariance=False)
     parts = collect_parts(
         model_dir=options.model,
         dtype=dtype,

