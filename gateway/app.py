@@ -38,11 +38,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app = FastAPI(title="invariant gateway", lifespan=lifespan)
     app.state.gateway = gateway
 
-    @app.post("/v1/completions")
+    @app.post(routes.COMPLETIONS)
     async def completions(request: Request) -> Response:
         return await gateway.handle("completions", request)
 
-    @app.post("/v1/chat/completions")
+    @app.post(routes.CHAT_COMPLETIONS)
     async def chat(request: Request) -> Response:
         return await gateway.handle("chat", request)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from invariant.contract import cache as cache_policy
+from invariant.contract import routes
 from invariant.gateway.auth import KeyStore, Tenant
 
 # The OpenAI routes the gateway serves (and forwards to workers), by request kind.
-PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+PATHS = {"completions": routes.COMPLETIONS, "chat": routes.CHAT_COMPLETIONS}
 
 
 @dataclass

@@ -4,6 +4,7 @@ light components (gateway, operator) never pay for torch or vLLM."""
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from typing import Callable, Sequence
@@ -234,12 +235,54 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
     up.set_defaults(func=_up)
 
+    parity = sub.add_parser("parity", help="check that a trainer forward gives a worker's logprobs bit for bit",
+                            description="Sample greedy and seeded completions from a running CPU worker and "
+                                        "score them with invariant.trainer.PolicyModel (true on-policy RL). Exit "
+                                        "status 0 when every logprob is identical, 1 when one differs.")
+    parity.add_argument("--url", required=True, help="the worker's base URL, e.g. http://127.0.0.1:8000")
+    parity.add_argument("--model", required=True, help="the checkpoint directory the worker serves")
+    parity.add_argument("--model-name", help="served model name (default: the worker's)")
+    parity.add_argument("--prompts", type=int, default=8, help="prompts per mode (default 8)")
+    parity.add_argument("--max-tokens", type=int, default=16, help="tokens per completion (default 16)")
+    parity.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the seeded sampling")
+    parity.add_argument("--json", action="store_true", help="print the report as JSON")
+    parity.set_defaults(func=_parity)
     bench = sub.add_parser("bench", help="benchmarks and experiments").add_subparsers(dest="bench", required=True)
     from invariant import determinism
 
     determinism.add_parser(bench)
     bench.choices["determinism"].set_defaults(func=_bench_determinism)
     return parser
+
+
+class ParityMismatch(Exception):
+    """Parity was checked and does not hold (exit status 1)."""
+
+
+def _parity(args: argparse.Namespace) -> None:
+    if args.prompts < 1 or args.max_tokens < 1:
+        raise CLIError("--prompts and --max-tokens must be at least 1")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise CLIError(f"--model {args.model}: no config.json there")
+    from invariant.trainer.model import TrainerModelError
+    from invariant.trainer.parity import ParityError, check
+
+    try:
+        report = check(args.url.rstrip("/"), args.model, model=args.model_name, prompts=args.prompts,
+                       max_tokens=args.max_tokens, seed=args.seed)
+    except (ParityError, TrainerModelError) as exc:
+        raise CLIError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for mode in ("greedy", "seeded"):
+            r = report[mode]
+            print(f"{mode}: {r['equal']}/{r['tokens']} logprobs identical, max |diff| {r['max_abs_diff']:.3g}, "
+                  f"KL estimate {r['kl']:.3g}")
+        print(f"parity {'holds' if report['identical'] else 'FAILS'} for {report['model']} "
+              f"({report['fingerprint']})")
+    if not report["identical"]:
+        raise ParityMismatch()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"invariant: error: {exc}", file=sys.stderr)
         return 2
+    except ParityMismatch:
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

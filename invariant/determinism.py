@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from invariant import machine
+from invariant.contract import routes
 from invariant.processes import WorkerStartError, start_worker, stop_all, wait_ready
 
 PROMPT = "Tell me about Richard Feynman"
@@ -110,7 +111,7 @@ async def _one(client: httpx.AsyncClient, name: str, prompt: str, max_tokens: in
             "return_token_ids": True, "ignore_eos": True}
     for attempt in range(RETRY_ATTEMPTS):
         try:
-            res = await client.post("/v1/completions", json=body)
+            res = await client.post(routes.COMPLETIONS, json=body)
         except httpx.TransportError as exc:
             gone = run.alive() if run.alive is not None else None
             if gone:
