@@ -67,6 +67,10 @@ def engine_arg_errors(args: list[Any]) -> list[str]:
 # upstream's persistent Triton matmul, or ours (invariant.kernels.gpu: fixed K chunks, a kernel per M).
 GPU_GEMMS = ("vllm", "invariant")
 
+# vLLM's CPU KV-cache block size: the worker never changes vLLM's default (--block-size is not an
+# allowed engine arg); the trainer lays out its paged cache the same way.
+CPU_BLOCK_SIZE = 128
+
 # Engine sizes that vLLM's compiled CUDA path is built for (inductor's size hints and the CUDA-graph
 # capture sizes derive from them). On the H100, engines that differed only in the step budget (2048
 # vs 48 tokens) gave a prompt's first logprob apart in the 7th digit (docs/gpu-vllm.md), while

@@ -38,3 +38,15 @@ def test_the_contract_imports_no_component_and_no_tool(component):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""
+
+
+def test_the_trainer_brings_the_kernels_not_the_worker_or_the_services():
+    """The trainer calls the worker's kernels directly: importing it loads no worker, gateway or
+    operator code (an RL training job carries no serving stack)."""
+    code = ("import sys, invariant.trainer, invariant.trainer.parity\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('invariant.worker', 'invariant.gateway', "
+            "'invariant.operator')))\n"
+            "print(','.join(bad))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from invariant.contract.engine_args import CPU_BLOCK_SIZE as BLOCK  # the worker's KV block size
 from invariant.kernels.cpu.attention import paged_attention, write_kv
 
-BLOCK = 128  # the worker's KV block size (invariant.worker.plugin.CPU_BLOCK_SIZE)
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SHAPES = [(4, 2, 32), (4, 4, 64), (8, 1, 64), (2, 2, 80), (6, 3, 16)]  # heads, kv heads, head dim
 

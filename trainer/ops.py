@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from invariant.kernels.cpu import attention as paged, gemm, rowops
 
-# vLLM's CPU KV-cache block size, which the worker never changes (invariant.worker.plugin). Our
-# attention kernel's bits do not depend on it; the cache is laid out as the engine's, all the same.
-from invariant.worker.plugin import CPU_BLOCK_SIZE
+# Our attention kernel's bits do not depend on the block size; the cache is laid out as the engine's.
+from invariant.contract.engine_args import CPU_BLOCK_SIZE
 
 
 class _Exact(torch.autograd.Function):

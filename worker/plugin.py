@@ -152,9 +152,8 @@ def _compute_logprobs(logits):
     return rowops.log_softmax(logits)
 
 
-# vLLM's CPU KV-cache block size: the worker never changes vLLM's default (--block-size is not an
-# allowed engine arg), and the attention ISA vLLM picks depends on it.
-CPU_BLOCK_SIZE = 128
+# The attention ISA vLLM picks depends on the KV-cache block size.
+from invariant.contract.engine_args import CPU_BLOCK_SIZE  # noqa: E402
 
 
 def invariant_attention_isa(choice: str) -> str:
