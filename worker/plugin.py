@@ -27,7 +27,7 @@ What it changes on the CPU, and why each is needed:
   work split across threads and the query tokens of a work item, and merges their partial softmaxes;
   past one tile (about 700 tokens of context here) a query's bits depend on how its prompt was chunked
   and on the rest of the step, and a decoded token differs from the same row of a prefill (found by
-  the canary's long split-prefill case on Llama; tests/test_kernels_cpu.py). We run our own
+  the canary's long split-prefill case on Llama; tests/test_kernels_attention.py). We run our own
   fixed-order kernel over the same paged cache (invariant.kernels.cpu.attention), whose cache writer
   stores the plain layout it reads. ``VLLM_CPU_ATTN_SPLIT_KV`` stays off as well.
 - seeded sampling (both modes): see invariant.worker.seeded.

@@ -4,7 +4,7 @@
  * work split across threads and the number of query tokens a work item holds (its scheduler sizes
  * the tiles from the L2 cache and the step's total work), then merges the tiles' partial softmaxes:
  * once a context is longer than one tile (about 700 tokens on a 1 MiB L2), a query's bits depend on
- * how its prompt was chunked and on what else the step holds (tests/test_kernels_cpu.py shows it).
+ * how its prompt was chunked and on what else the step holds (tests/test_kernels_attention.py shows it).
  *
  * Here every (query token, head) is computed by one thread in one order that depends on its
  * position alone: scores s_j = (q . k_j) * scale for j = 0..pos (the dot product in 8 fp32 lanes over
