@@ -33,44 +33,43 @@ def test_a_slow_live_publish_does_not_make_the_entry_skip_redis(redis_server):  
     assert Record.loads(redis.Redis.from_url(redis_server.url).get("k1")) == RECORD
 
 
-def test_a_failed_put_keeps_the_entry_on_this_replica():
+def _with_a_redis_to_kill(scenario) -> None:
+    """Run ``scenario(server, store)`` against a redis-server of its own, which it may stop."""
     server = RedisServer(free_port()).start()
 
-    async def scenario():
+    async def run():
         store = Store(server.url, Metrics(), timeout=0.1)
         try:
-            server.stop()
-            assert not await store.put("k2", RECORD, 60)  # Redis could not take it ...
-            record, _ = await store.get("k2")
-            assert record == RECORD  # ... but the generation is not lost here
-            missing, _ = await store.get("other")
-            assert missing is None
+            await scenario(server, store)
         finally:
             await store.close()
 
     try:
-        asyncio.run(scenario())
+        asyncio.run(run())
     finally:
         server.stop()
+
+
+def test_a_failed_put_keeps_the_entry_on_this_replica():
+    async def scenario(server, store):
+        server.stop()
+        assert not await store.put("k2", RECORD, 60)  # Redis could not take it ...
+        record, _ = await store.get("k2")
+        assert record == RECORD  # ... but the generation is not lost here
+        missing, _ = await store.get("other")
+        assert missing is None
+
+    _with_a_redis_to_kill(scenario)
 
 
 def test_evicting_with_redis_down_still_drops_the_local_copy():
     """A poisoned entry found while Redis is unreachable: this replica stops serving it at once
     (its copy goes), and the evict reports that Redis did not take the delete."""
-    server = RedisServer(free_port()).start()
-
-    async def scenario():
-        store = Store(server.url, Metrics(), timeout=0.1)
-        try:
-            assert await store.put("k3", RECORD, 60)
-            server.stop()
-            assert await store.evict("k3") is False  # Redis gone mid-way: the delete did not land
-            record, ok = await store.get("k3")
-            assert record is None and ok is False  # not served from the local copy any more
-        finally:
-            await store.close()
-
-    try:
-        asyncio.run(scenario())
-    finally:
+    async def scenario(server, store):
+        assert await store.put("k3", RECORD, 60)
         server.stop()
+        assert await store.evict("k3") is False  # Redis gone mid-way: the delete did not land
+        record, ok = await store.get("k3")
+        assert record is None and ok is False  # not served from the local copy any more
+
+    _with_a_redis_to_kill(scenario)
