@@ -25,6 +25,13 @@ WORKER_START_TIMEOUT = 300
 HERE_HOOKS = Path(__file__).resolve().parent / "hooks"  # test-only sitecustomize (see its docstring)
 
 
+def hooked_env(**extra: str) -> dict:
+    """A worker's environment with the test hooks (tests/hooks/sitecustomize.py) on its path.
+    No empty PYTHONPATH entry: that would put the checkout root (and its operator/) on sys.path."""
+    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,13 +7,12 @@ broken kernels (tests/hooks/sitecustomize.py FAULTS) keeps it unready, naming ke
 
 from __future__ import annotations
 
-import os
 
 import httpx
 import pytest
 import torch
 
-from conftest import HERE_HOOKS, start_worker, wait_verdict
+from conftest import hooked_env, start_worker, wait_verdict
 from invariant.kernels.cpu import gemm, rowops
 from invariant.worker import kernel_canary as kc
 
@@ -124,12 +123,6 @@ FAULTS = {
     "logsoftmax-batched": ("log_softmax", 2),
     "logsoftmax-large": ("log_softmax", 64),
 }
-
-
-def hooked_env(**extra: str) -> dict:
-    # no empty PYTHONPATH entry: that would put the checkout root (and its operator/) on sys.path
-    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path, **extra}
 
 
 @pytest.mark.engine

@@ -11,22 +11,16 @@ its canary on Llama, where the long split-prefill case outgrows that kernel's KV
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 
 import pytest
 import torch
 
-from conftest import HERE_HOOKS, start_worker, wait_ready, wait_verdict
+from conftest import hooked_env, start_worker, wait_ready, wait_verdict
 from invariant.modelmaker import ModelSpec, make_model
 from invariant.trainer import PolicyModel, TrainerModelError
 
 MAX_TOKENS = 24
-
-
-def _hooks_env(**extra: str) -> dict:
-    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path, **extra}
 
 
 def _prompts(seed: int, n: int, vocab: int, longest: int) -> list[list[int]]:
@@ -116,7 +110,7 @@ def side_workers(tiny_model, llama_fp32, tmp_path_factory):
     llama = start_worker(llama_fp32, logs, "--max-model-len", "2048", name="llama")
     stock = start_worker(tiny_model, logs, "--no-invariance", name="tiny")
     vllm_attention = start_worker(llama_fp32, logs, "--max-model-len", "4096", name="llama",
-                                  env=_hooks_env(INVARIANT_TEST_FAULT="vllm-attention"))
+                                  env=hooked_env(INVARIANT_TEST_FAULT="vllm-attention"))
     try:
         wait_ready(llama)
         wait_ready(stock)

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from invariant.worker import canary, numerics
+from invariant.worker import canary, numerics, streaming
 from invariant.worker.fingerprint import collect_parts, compute_fingerprint
 from invariant.worker.options import WorkerConfigError, WorkerOptions, pin_disagreements, validate
 from invariant.worker.routes import WorkerState, invariant_router
@@ -238,6 +238,7 @@ async def serve(argv: list[str], state: WorkerState) -> None:
     args = make_arg_parser(FlexibleArgumentParser(prog="invariant worker (vllm)")).parse_args(argv)
     validate_parsed_serve_args(args)
     listen_address, sock = setup_server(args, reuse_port=False)
+    streaming.install()  # one token per streamed chunk, under any load
     try:
         async with build_async_engine_client(args) as engine_client:
             supported_tasks = await engine_client.get_supported_tasks()

@@ -10,6 +10,10 @@ right after they are imported, only when its environment variables ask for it:
   on every x86 CPU we measured: the control's batch variance, on any CI machine.
 - ``INVARIANT_TEST_BLIND_KERNEL_CANARY=1``: the kernel canary passes without checking, so a test
   sees what the end-to-end canary catches by itself.
+- ``INVARIANT_TEST_STOCK_STREAM=1``: vLLM's own output collector, which merges a request's pending
+  tokens into one chunk when the HTTP task falls behind (the control of invariant.worker.streaming).
+- ``INVARIANT_TEST_SLOW_CONSUMER=<seconds>``: the engine's ``generate`` pauses that long after each
+  output it hands to the HTTP task, as a busy API process does: the engine gets ahead of the reader.
 - ``INVARIANT_TEST_FAULT=<fault>``: one of our kernels made batch-variant on purpose (see FAULTS);
   the canaries must catch each. ``split-k``: a GEMM call with more than one row sums the two halves
   of K separately. The others differ from it in what they change and where (issue #20): only some
@@ -242,6 +246,28 @@ def _blind_kernel_canary(module) -> None:
 
 if os.environ.get("INVARIANT_TEST_BLIND_KERNEL_CANARY") == "1":
     HOOKS["invariant.worker.kernel_canary"] = _blind_kernel_canary
+def _stock_stream(module) -> None:
+    module.install = lambda: None
+
+
+if os.environ.get("INVARIANT_TEST_STOCK_STREAM") == "1":
+    HOOKS["invariant.worker.streaming"] = _stock_stream
+def _slow_consumer(module) -> None:
+    import asyncio
+
+    pause = float(os.environ["INVARIANT_TEST_SLOW_CONSUMER"])
+    original = module.AsyncLLM.generate
+
+    async def generate(self, *args, **kwargs):
+        async for output in original(self, *args, **kwargs):
+            yield output
+            await asyncio.sleep(pause)
+
+    module.AsyncLLM.generate = generate
+
+
+if os.environ.get("INVARIANT_TEST_SLOW_CONSUMER"):
+    HOOKS["vllm.v1.engine.async_llm"] = _slow_consumer
 _fault = os.environ.get("INVARIANT_TEST_FAULT")
 if _fault:
     if _fault not in FAULTS:
