@@ -3,7 +3,7 @@
 Used by tests/test_batch_invariance.py in a fresh process per engine: vLLM's plugins patch the
 process they load in, so the invariant and the stock engine cannot share one test process.
 
-    python tests/engine_run.py MODEL_DIR {invariant|stock|upstream} MAX_NUM_BATCHED_TOKENS OUT.json [--eager] [--canary]
+    python tests/engine_run.py MODEL_DIR {invariant|stock|upstream} MAX_NUM_BATCHED_TOKENS OUT.json [--eager] [--canary] [--only=SCENARIO,...]
 
 Modes: ``invariant`` is what the worker runs (CPU: our plugin; CUDA: upstream's VLLM_BATCH_INVARIANT=1
 plus our plugin's RMSNorm and vLLM's Triton attention), ``stock`` is vLLM as shipped, ``upstream`` (CUDA only) is upstream's
@@ -19,6 +19,8 @@ Scenarios (greedy unless named; token ids and logprobs of the prompt under test)
   prefix_shared             the prompt after another prompt with the same long prefix (part cached)
   split_prefill             the prompt behind requests that fill all but SPLIT_AT tokens of the step
                             budget: its prefill is split in two by the budget, in the same engine
+  seeded_split_prefill      the same, seeded: the token sampled after the first chunk is thrown away
+                            and its random draw undone, so the rest must equal seeded_alone
   alone_chunked             the prompt alone while the (small) token budget splits every prefill
   crowd_chunked             the prompt amid a crowd while the token budget splits every prefill
 """
@@ -142,27 +144,42 @@ def main() -> None:
         return {"token_ids": list(comp.token_ids), "logprobs": lps, "cached_tokens": int(out.num_cached_tokens or 0),
                 "prompt_tokens": len(out.prompt_token_ids)}
 
+    only = next((f.split("=", 1)[1].split(",") for f in flags if f.startswith("--only=")), None)
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
     results = {}
     if budget >= 1024:
         llm.reset_prefix_cache()
         results["alone"] = run([prompt], greedy)
         for n in sizes:
-            llm.reset_prefix_cache()
-            results[f"batch_{n}"] = run([prompt] + fillers[: n - 1], greedy)
+            if want(f"batch_{n}"):
+                llm.reset_prefix_cache()
+                results[f"batch_{n}"] = run([prompt] + fillers[: n - 1], greedy)
         llm.reset_prefix_cache()  # cached blocks would shrink both prefills and the split with them
         head = budget_head(llm, fillers, budget - SPLIT_AT)
-        results["split_prefill"] = run(head + [prompt], greedy, at=-1)
-        results["split_prefill"]["head_tokens"] = sum(len(h["prompt_token_ids"]) for h in head)
+        if want("split_prefill"):
+            results["split_prefill"] = run(head + [prompt], greedy, at=-1)
+            results["split_prefill"]["head_tokens"] = sum(len(h["prompt_token_ids"]) for h in head)
         results["block_size"] = int(llm.llm_engine.vllm_config.cache_config.block_size)
-        results["prefix_warm"] = run([prompt], greedy)
-        llm.reset_prefix_cache()
-        run([sibling], greedy)
-        results["prefix_shared"] = run([prompt], greedy)
+        if want("prefix_warm"):
+            if not want("split_prefill"):
+                run([prompt], greedy)  # what the split run leaves cached
+            results["prefix_warm"] = run([prompt], greedy)
+        if want("prefix_shared"):
+            llm.reset_prefix_cache()
+            run([sibling], greedy)
+            results["prefix_shared"] = run([prompt], greedy)
         llm.reset_prefix_cache()
         results["seeded_alone"] = run([prompt], seeded)
-        for n in sizes:
+        if want("seeded_split_prefill"):
             llm.reset_prefix_cache()
-            results[f"seeded_{n}"] = run([prompt] + fillers[: n - 1], seeded)
+            results["seeded_split_prefill"] = run(head + [prompt], [greedy] * len(head) + [seeded], at=-1)
+        for n in sizes:
+            if want(f"seeded_{n}"):
+                llm.reset_prefix_cache()
+                results[f"seeded_{n}"] = run([prompt] + fillers[: n - 1], seeded)
     else:
         llm.reset_prefix_cache()
         results["alone_chunked"] = run([prompt], greedy)

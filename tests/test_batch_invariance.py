@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import engine_run
+from conftest import hooked_env
 from invariant.modelmaker import ModelSpec, make_model
 
 pytestmark = pytest.mark.engine
@@ -120,13 +121,19 @@ def test_a_prefill_split_by_a_full_step_gives_the_same_bits(runs):
     assert_same(runs["full"]["split_prefill"], runs["full"]["alone"], f"{runs['dtype']} split prefill")
 
 
+def test_a_seeded_prefill_split_by_a_full_step_gives_the_same_bits(runs):
+    """The draw made for the token thrown away after the first chunk is undone exactly
+    (invariant.worker.seeded on the CPU)."""
+    assert_same(runs["full"]["seeded_split_prefill"], runs["full"]["seeded_alone"], f"{runs['dtype']} seeded split")
+
+
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory):
     """The controls' engines: plugin off, vLLM's fallback GEMM, fp32 (batch-variant on every x86 we
     measured), one with the large budget and one with the small one."""
     root = tmp_path_factory.mktemp("stock")
     model = make_model(root / "model", ModelSpec(dtype="float32"))
-    env = {"PYTHONPATH": str(HERE / "hooks"), "INVARIANT_TEST_STOCK_GEMM": "torch"}
+    env = hooked_env(INVARIANT_TEST_STOCK_GEMM="torch")
     return {"full": run_engine(model, "stock", 2048, root / "stock.json", **env),
             "chunked": run_engine(model, "stock", SMALL_BUDGET, root / "stock-chunked.json", **env)}
 
@@ -156,8 +163,8 @@ def variant(tmp_path_factory):
     fallback GEMM is no control there: on the CPUs we ran it gave a cached prefix the same bits."""
     root = tmp_path_factory.mktemp("variant")
     model = make_model(root / "model", ModelSpec(dtype="float32"))
-    return run_engine(model, "invariant", 2048, root / "variant.json", PYTHONPATH=str(HERE / "hooks"),
-                      INVARIANT_TEST_FAULT="gemm-chunks-by-m")
+    return run_engine(model, "invariant", 2048, root / "variant.json",
+                      **hooked_env(INVARIANT_TEST_FAULT="gemm-chunks-by-m"))
 
 
 def test_control_a_row_count_dependent_gemm_changes_cached_prefix_bits(variant):
@@ -173,6 +180,16 @@ def test_control_without_plugin_chunked_prefill_changes_the_bits(stock):
     """Control of test_chunked_prefill_gives_the_same_bits: a prefill split into 48-token steps."""
     assert [c for c in ("alone_chunked", "crowd_chunked") if differs(stock["chunked"][c], stock["full"]["alone"])], \
         "stock vLLM gave the same bits chunked and in one step: the chunked-prefill test proves nothing"
+
+
+def test_control_a_kept_draw_changes_a_seeded_split_prefill(tmp_path):
+    """Control of test_a_seeded_prefill_split_by_a_full_step_gives_the_same_bits: the invariant
+    engine with the draw for the thrown-away token kept (fault seeded-keeps-draw)."""
+    model = make_model(tmp_path / "model", ModelSpec())
+    res = run_engine(model, "invariant", 2048, tmp_path / "kept.json", "--only=seeded_split_prefill",
+                     **hooked_env(INVARIANT_TEST_FAULT="seeded-keeps-draw"))
+    assert differs(res["seeded_split_prefill"], res["seeded_alone"]), \
+        "a kept draw gave the same bits: the seeded split test proves nothing"
 
 
 def test_control_without_plugin_a_split_prefill_changes_the_bits(stock):

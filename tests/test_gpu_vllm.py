@@ -69,6 +69,11 @@ def test_a_prefill_split_by_a_full_step_gives_the_same_bits(runs):
     assert_same(runs["full"]["split_prefill"], runs["full"]["alone"], "split prefill")
 
 
+def test_a_seeded_prefill_split_by_a_full_step_gives_the_same_bits(runs):
+    """issue 16: over HTTP a seeded long prompt differed amid crowds from step 11 (greedy did not)."""
+    assert_same(runs["full"]["seeded_split_prefill"], runs["full"]["seeded_alone"], "seeded split prefill")
+
+
 def test_chunked_prefill_gives_the_same_bits_in_a_crowd(runs):
     """At a 48-token budget: the prompt's chunks start elsewhere amid a crowd than alone. (Against
     the 2048-token engine it is another fingerprint on CUDA: engine_args.compile_shape.)"""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
 import httpx
 import pytest
 
-from conftest import HERE_HOOKS, invariant_cli, start_worker, wait_ready
+from conftest import hooked_env, invariant_cli, start_worker, wait_ready
 from invariant.modelmaker import ModelSpec, make_model
 
 pytestmark = pytest.mark.engine
@@ -64,9 +63,8 @@ def stock_fp32_worker(tmp_path_factory):
     picks another kernel for one row than for several on every x86 we measured; this machine kind's
     default CPU kernels happen to be row-invariant, docs/cpu-invariance.md)."""
     model = make_model(tmp_path_factory.mktemp("fp32") / "tiny-fp32", ModelSpec(dtype="float32"))
-    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
     stock = start_worker(model, tmp_path_factory.mktemp("fp32-logs"), "--no-invariance", name="tiny",
-                         env={"PYTHONPATH": path, "INVARIANT_TEST_STOCK_GEMM": "torch"})
+                         env=hooked_env(INVARIANT_TEST_STOCK_GEMM="torch"))
     try:
         wait_ready(stock)
         yield stock
@@ -105,9 +103,7 @@ def side_workers(tiny_model, tmp_path_factory):
     """Started together: one with a GEMM made batch-variant on purpose and the kernel canary blinded
     (so the end-to-end canary must catch the fault by itself), one with --no-invariance."""
     logs = tmp_path_factory.mktemp("side-logs")
-    # no empty PYTHONPATH entry: that would put the checkout root (and its operator/) on sys.path
-    path = os.pathsep.join(p for p in (str(HERE_HOOKS), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path, "INVARIANT_TEST_FAULT": "split-k", "INVARIANT_TEST_BLIND_KERNEL_CANARY": "1"}
+    env = hooked_env(INVARIANT_TEST_FAULT="split-k", INVARIANT_TEST_BLIND_KERNEL_CANARY="1")
     faulty = start_worker(tiny_model, logs, name="tiny", env=env)
     stock = start_worker(tiny_model, logs, "--no-invariance", name="tiny")
     try:

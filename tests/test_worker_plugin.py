@@ -182,7 +182,7 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     assert err.startswith("engine arg --enforce-eager is refused:") and "batch of 2:" in err
     config = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
     assert config["enforce_eager"] is False and config["batch_invariant"] == "vllm+invariant-rmsnorm"
-    assert config["attention"] == "TRITON_ATTN"
+    assert config["attention"] == "TRITON_ATTN" and config["sampler"] == "triton-topk-topp"
     assert config["invariant_kernels"]["arch"] == "sm90"
     assert config["compiled_for"] == {"max_num_batched_tokens": "default", "max_num_seqs": "default"}
     assert config["inductor"]["deterministic"] is True and config["inductor"]["benchmark_combo_kernel"] is False

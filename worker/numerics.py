@@ -21,6 +21,14 @@ from invariant.contract.engine_args import compile_shape
 GPU_INVARIANT_ATTENTION = "TRITON_ATTN"
 
 
+# vLLM 0.26 masks top-k/top-p with torch's sort and cumsum below 8 rows and with its Triton kernel
+# from 8 rows: a request alone and the same request in a crowd were masked by different code, and
+# near the nucleus boundary they disagree (issue 16: a seeded request amid crowds differed from step
+# 11). The invariant CUDA worker runs the Triton kernel for every batch: one program walks one row in
+# fixed tiles, whatever the batch (invariant.worker.plugin.invariant_top_k_top_p).
+GPU_INVARIANT_SAMPLER = "triton-topk-topp"
+
+
 # The CPU worker's attention in invariant mode: our kernel over vLLM's paged cache (plugin.py says why).
 CPU_INVARIANT_ATTENTION = "invariant-cpu-paged"
 
@@ -66,7 +74,7 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         # their source, pinned constants and Triton version decide those bits.
         arch = gpu_arch or arch_of(torch.device("cuda"))
         return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "attention": GPU_INVARIANT_ATTENTION, "gemm": gemm, "invariant_kernels": identity(arch),
+                "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER, "gemm": gemm, "invariant_kernels": identity(arch),
                 "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
     config: dict[str, Any] = {
         "backend": "cpu",

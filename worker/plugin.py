@@ -225,13 +225,27 @@ def invariant_rms_norm(input, weight, eps: float = 1e-6, residual=None):
     return rowops.fused_add_rms_norm(input, residual, weight, eps)
 
 
+def invariant_top_k_top_p(logits, k, p):
+    """vLLM's top-k/top-p mask, always by its Triton kernel (numerics.GPU_INVARIANT_SAMPLER says
+    why): upstream takes torch's sort and cumsum below 8 rows, whose arithmetic differs, and a
+    single row's cumsum is even another scan (cub's device-wide one) than a batch's."""
+    if k is None and p is None:
+        return logits
+    from vllm.v1.sample.ops.topk_topp_triton import apply_top_k_top_p_triton
+
+    return apply_top_k_top_p_triton(logits, k, p)
+
+
 def apply_cuda(gemm: str = "vllm") -> None:
-    """Patch the name vLLM's RMSNorm.forward_cuda calls; with ``gemm="invariant"`` also the linear
-    layers' and lm_head's GEMM (upstream's persistent Triton matmul -> ours, a custom op so the
-    compiled graph calls it opaquely). Idempotent."""
+    """Patch the name vLLM's RMSNorm.forward_cuda calls and the top-k/top-p mask its samplers call;
+    with ``gemm="invariant"`` also the linear layers' and lm_head's GEMM (upstream's persistent
+    Triton matmul -> ours, a custom op so the compiled graph calls it opaquely). Idempotent."""
     import vllm.model_executor.layers.layernorm as layernorm
+    import vllm.v1.sample.ops.topk_topp_sampler as topk_topp
+    import vllm.v1.sample.rejection_sampler as rejection
 
     layernorm.rms_norm_batch_invariant = invariant_rms_norm
+    topk_topp.apply_top_k_top_p = rejection.apply_top_k_top_p = invariant_top_k_top_p
     if gemm == "invariant":
         import vllm.model_executor.layers.linear as linear
         import vllm.model_executor.layers.vocab_parallel_embedding as vocab

@@ -14,6 +14,10 @@ right after they are imported, only when its environment variables ask for it:
   tokens into one chunk when the HTTP task falls behind (the control of invariant.worker.streaming).
 - ``INVARIANT_TEST_SLOW_CONSUMER=<seconds>``: the engine's ``generate`` pauses that long after each
   output it hands to the HTTP task, as a busy API process does: the engine gets ahead of the reader.
+- ``INVARIANT_TEST_TRACE_GENERATORS=<file>``: the model runner appends a JSON line per step to
+  the file: each seeded request's generator offset before sampling, after it and after the
+  bookkeeping that undoes the draw of a thrown-away token, and whether the token was thrown away
+  (what issue 16's seeded split-prefill question needs to see).
 - ``INVARIANT_TEST_FAULT=<fault>``: one of our kernels made batch-variant on purpose (see FAULTS);
   the canaries must catch each. ``split-k``: a GEMM call with more than one row sums the two halves
   of K separately. The others differ from it in what they change and where (issue #20): only some
@@ -217,6 +221,12 @@ def _vllm_attention_fault(module) -> None:
     module.paged_attention = paged_attention
 
 
+def _seeded_keeps_draw_fault(module) -> None:
+    """The draw for a token thrown away after a partial prefill chunk is kept, not undone: a seeded
+    request's random stream then depends on how its prefill was split."""
+    module.RewindableGenerator.set_offset = lambda self, offset: self
+
+
 # INVARIANT_TEST_FAULT -> (module patched, how)
 FAULTS = {
     "split-k": ("invariant.kernels.cpu.gemm", _split_k_fault),
@@ -228,6 +238,7 @@ FAULTS = {
     "logsoftmax-batched": ("invariant.kernels.cpu.rowops", _logsoftmax_batched_fault),
     "logsoftmax-large": ("invariant.kernels.cpu.rowops", _logsoftmax_large_fault),
     "vllm-attention": ("invariant.kernels.cpu.attention", _vllm_attention_fault),
+    "seeded-keeps-draw": ("invariant.worker.seeded", _seeded_keeps_draw_fault),
 }
 
 
@@ -268,6 +279,40 @@ def _slow_consumer(module) -> None:
 
 if os.environ.get("INVARIANT_TEST_SLOW_CONSUMER"):
     HOOKS["vllm.v1.engine.async_llm"] = _slow_consumer
+def _trace_generators(module) -> None:
+    import json
+
+    path = os.environ["INVARIANT_TEST_TRACE_GENERATORS"]
+    runner = module.GPUModelRunner
+    sample, bookkeeping = runner._sample, runner._bookkeeping_sync
+
+    def offsets(self) -> dict:
+        batch = self.input_batch
+        return {batch.req_ids[i]: int(g.get_offset()) for i, g in batch.generators.items()}
+
+    def traced_sample(self, *args, **kwargs):
+        self._trace = {"before": offsets(self), "rows": len(self.input_batch.req_ids)}
+        out = sample(self, *args, **kwargs)
+        self._trace["sampled"] = offsets(self)
+        return out
+
+    def traced_bookkeeping(self, *args, **kwargs):
+        out = bookkeeping(self, *args, **kwargs)
+        trace = getattr(self, "_trace", None) or {}
+        batch = self.input_batch
+        mask = self.discard_request_mask.np[:batch.num_reqs]
+        trace["after"] = offsets(self)
+        trace["discarded"] = [batch.req_ids[i] for i in batch.generators if bool(mask[i])]
+        with open(path, "a") as fh:
+            fh.write(json.dumps(trace) + "\n")
+        self._trace = None
+        return out
+
+    runner._sample, runner._bookkeeping_sync = traced_sample, traced_bookkeeping
+
+
+if os.environ.get("INVARIANT_TEST_TRACE_GENERATORS"):
+    HOOKS["vllm.v1.worker.gpu_model_runner"] = _trace_generators
 _fault = os.environ.get("INVARIANT_TEST_FAULT")
 if _fault:
     if _fault not in FAULTS:
