@@ -18,6 +18,8 @@ right after they are imported, only when its environment variables ask for it:
   the file: each seeded request's generator offset before sampling, after it and after the
   bookkeeping that undoes the draw of a thrown-away token, and whether the token was thrown away
   (what issue 16's seeded split-prefill question needs to see).
+- ``INVARIANT_TEST_STOCK_SAMPLER=1``: the CUDA plugin leaves vLLM's top-k/top-p dispatch as it is
+  (torch's sort below 8 rows, Triton from 8): the control of invariant_top_k_top_p over HTTP.
 - ``INVARIANT_TEST_FAULT=<fault>``: one of our kernels made batch-variant on purpose (see FAULTS);
   the canaries must catch each. ``split-k``: a GEMM call with more than one row sums the two halves
   of K separately. The others differ from it in what they change and where (issue #20): only some
@@ -257,6 +259,22 @@ def _blind_kernel_canary(module) -> None:
 
 if os.environ.get("INVARIANT_TEST_BLIND_KERNEL_CANARY") == "1":
     HOOKS["invariant.worker.kernel_canary"] = _blind_kernel_canary
+def _stock_sampler(module) -> None:
+    def dispatch(logits, k, p):
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+        from vllm.v1.sample.ops.topk_topp_triton import apply_top_k_top_p_triton
+
+        if k is None and p is None:
+            return logits
+        return apply_top_k_top_p_triton(logits, k, p) if logits.shape[0] >= 8 else apply_top_k_top_p_pytorch(logits, k, p)
+
+    module.invariant_top_k_top_p = dispatch
+
+
+if os.environ.get("INVARIANT_TEST_STOCK_SAMPLER") == "1":
+    HOOKS["invariant.worker.plugin"] = _stock_sampler
+
+
 def _stock_stream(module) -> None:
     module.install = lambda: None
 
