@@ -4,6 +4,7 @@ each a thin call into the request path (gateway/service.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,9 +15,11 @@ from invariant.contract import routes
 from invariant.gateway.call import CallError
 from invariant.gateway.config import PATHS, GatewayConfig
 from invariant.gateway.errors import openai_error
-from invariant.gateway.keys import RequestError
+from invariant.gateway.keys import RequestError, parse_json
 from invariant.gateway.service import Gateway
 from invariant.gateway.upstream import UpstreamError
+
+log = logging.getLogger("invariant.gateway")
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -37,6 +40,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="invariant gateway", lifespan=lifespan)
     app.state.gateway = gateway
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug answers in OpenAI's error shape too (and is logged with its traceback), never as text."""
+        log.error("unhandled error on %s: %s", request.url.path, exc, exc_info=exc)
+        return openai_error(500, "The gateway failed on this request (logged).", "server_error", "internal_error")
 
     @app.post(routes.COMPLETIONS)
     async def completions(request: Request) -> Response:
@@ -62,9 +71,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def ready() -> JSONResponse:
         status = {name: [{"url": ep.url, "healthy": ep.healthy, "fingerprint": ep.fingerprint, "error": ep.error}
                          for ep in eps] for name, eps in gateway.upstreams.models.items()}
-        ok = bool(status) and all(any(ep["healthy"] for ep in eps) for eps in status.values())
-        if config.discover and not status:
-            ok = True  # nothing declared yet is not a failure of the gateway
+        # Ready while it can serve some model: one model without workers (scaled to zero, or not
+        # rolled out yet) must not take every gateway out of its Service (its requests get a 503).
+        ok = any(ep["healthy"] for eps in status.values() for ep in eps)
+        if not status:
+            ok = bool(config.discover)  # nothing declared yet is not a failure of a discovering gateway
         return JSONResponse({"ready": ok, "redis": gateway.store.available, "models": status},
                             status_code=200 if ok else 503)
 
@@ -78,11 +89,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         if tenant is None:
             return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
         try:
-            payload = await request.json()
+            payload = parse_json(await request.body())
             if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
                 raise RequestError("the body must be a JSON object with a 'request' object in it")
             kind = payload.get("kind", "completions")
-            if kind not in PATHS:
+            if not isinstance(kind, str) or kind not in PATHS:
                 raise RequestError("'kind' must be completions or chat")
             report = await gateway.verify(kind, payload["request"], tenant)
             # 409: a stored entry differs from its replay (it was evicted); 200: all stored ones match.

@@ -35,6 +35,10 @@ class Call:
     policy: ModelPolicy
     candidates: tuple[Endpoint, ...]
     cache_control: str | None = None
+    # The numerics this call is keyed on: the first healthy worker's when the call was shaped. A
+    # snapshot, since health checks update endpoints in place while the call runs: every worker
+    # answer is held against it, and one stamped otherwise is never stored under this call's keys.
+    keyed_fingerprint: str = ""
 
     @property
     def model(self) -> str:
@@ -42,8 +46,7 @@ class Call:
 
     @property
     def fingerprint(self) -> str:
-        """The numerics this call is keyed on: the first healthy worker's (all candidates share it)."""
-        return self.candidates[0].fingerprint or ""
+        return self.keyed_fingerprint
 
     @property
     def namespace(self) -> str:

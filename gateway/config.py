@@ -27,6 +27,8 @@ class GatewayConfig:
     redis_timeout: float = 0.25
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 32768
+    max_total_tokens: int = 131072  # n x max_tokens of one request
+    entry_key: bytes = b""  # HMAC key of Redis entries (gateway/entries.py); empty: checksum only
     lock_ttl_ms: int = 600_000
     check_interval: float = 5.0
     discover: str | None = None  # "kubernetes": routes from DeterministicModel status

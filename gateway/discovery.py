@@ -21,15 +21,38 @@ log = logging.getLogger("invariant.gateway")
 GROUP, VERSION, PLURAL = crd.GROUP, crd.VERSION, crd.PLURAL
 
 
-def routes_from_objects(items: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, ModelPolicy]]:
-    """(served name -> endpoint URLs, served name -> cache policy), pure."""
+def _served_name(obj: dict[str, Any]) -> str:
+    return ((obj.get("spec") or {}).get("model") or {}).get("servedName") or obj["metadata"]["name"]
+
+
+def _age(obj: dict[str, Any]) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return meta.get("creationTimestamp") or "~", meta.get("namespace") or "", meta["name"]
+
+
+def routes_from_objects(items: list[dict[str, Any]], conflicts: list[str] | None = None
+                        ) -> tuple[dict[str, list[str]], dict[str, ModelPolicy]]:
+    """(served name -> endpoint URLs, served name -> cache policy), pure.
+
+    A served name belongs to one DeterministicModel: the oldest that claims it (then by namespace
+    and name). Merging claimants would let a DeterministicModel in any namespace put its own workers
+    behind another team's model and switch its cache to ``shared`` (issue 14); the others are
+    ignored, and named in ``conflicts`` when a list is given."""
+    owners: dict[str, dict[str, Any]] = {}
+    for obj in sorted(items, key=_age):
+        name = _served_name(obj)
+        if name in owners:
+            if conflicts is not None:
+                first, meta = owners[name]["metadata"], obj["metadata"]
+                conflicts.append(f"{meta.get('namespace')}/{meta['name']} claims `{name}`, which "
+                                 f"{first.get('namespace')}/{first['name']} serves: ignored")
+            continue
+        owners[name] = obj
     models: dict[str, list[str]] = {}
     policies: dict[str, ModelPolicy] = {}
-    for obj in items:
+    for name, obj in owners.items():
         spec, status = obj.get("spec") or {}, obj.get("status") or {}
-        name = (spec.get("model") or {}).get("servedName") or obj["metadata"]["name"]
-        urls = [e["url"] for e in status.get("endpoints") or [] if e.get("url")]
-        models.setdefault(name, []).extend(urls)
+        models[name] = [e["url"] for e in status.get("endpoints") or [] if e.get("url")]
         cache = spec.get("cache") or {}
         policies[name] = ModelPolicy(ttl_seconds=int(cache.get("ttlSeconds", contract_cache.DEFAULT_TTL_SECONDS)),
                                      sharing=cache.get("sharing", contract_cache.DEFAULT_SHARING))
@@ -58,7 +81,10 @@ async def watch_kubernetes(gateway: Gateway, interval: float = 5.0) -> None:
     while True:
         try:
             listing = await asyncio.to_thread(api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-            models, policies = routes_from_objects(listing.get("items", []))
+            conflicts: list[str] = []
+            models, policies = routes_from_objects(listing.get("items", []), conflicts)
+            for line in conflicts:
+                log.warning("DeterministicModel %s", line)
             apply_routes(gateway, models, policies)
             await gateway.upstreams.check_all()
         except Exception as exc:  # noqa: BLE001 - keep serving the last known table

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -46,6 +47,61 @@ FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence
 
 class RequestError(ValueError):
     """A request the gateway cannot key; answered as an OpenAI-format 400."""
+
+
+# vLLM's own bounds on ``seed`` (its protocol: int64); choice i is generated with seed + i.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+# RFC 8785 numbers are IEEE doubles: integers past 2^53 have no exact canonical form (seeds are
+# keyed as strings instead). Deeper JSON than this is refused rather than recursed into.
+SAFE_INT = (1 << 53) - 1
+MAX_DEPTH = 64
+
+
+def _no_constants(name: str) -> Any:
+    raise RequestError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, strictly: NaN and infinities (which Python's parser takes) and
+    nesting deep enough to exhaust the parser are refused as the client's error."""
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError("The request body is nested too deeply.") from None
+    except ValueError:
+        raise RequestError("The request body is not valid JSON.") from None
+
+
+def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
+    """Refuse, with the field named, what the key's canonical JSON cannot hold exactly: integers
+    past 2^53, NaN and infinities, strings that are not Unicode (lone surrogates), nesting deeper
+    than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise RequestError(f"'{where}' is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if abs(value) > SAFE_INT:
+            raise RequestError(f"'{where}': integers beyond +-2^53 are not supported")
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise RequestError(f"'{where}': NaN and infinities are not JSON numbers")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"'{where}' is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            check_json(k, where, depth + 1)
+            check_json(v, f"{where}.{k}" if depth < 3 else where, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_json(v, where, depth + 1)
+    else:
+        raise RequestError(f"'{where}' holds a value JSON cannot carry")
 
 
 @dataclass(frozen=True)
@@ -86,6 +142,12 @@ def resolve(kind: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | No
         raise RequestError("'model' is required")
     if kind == "completions" and "prompt" not in body:
         raise RequestError("'prompt' is required")
+    prompt = body.get("prompt")
+    if kind == "completions" and isinstance(prompt, list) and prompt and not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        # A list of prompts is a batch: each prompt is its own request (and its own entry).
+        raise RequestError("'prompt' must be one prompt (a string or a list of token ids); send one request per prompt")
+    check_json({k: v for k, v in body.items() if k != "seed"})
     if kind == "chat" and not isinstance(body.get("messages"), list):
         raise RequestError("'messages' must be a list")
 
@@ -120,6 +182,8 @@ def resolve(kind: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | No
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError("'seed' must be an integer")
+    if seed is not None and not (SEED_MIN <= seed and seed + n - 1 <= SEED_MAX):
+        raise RequestError(f"'seed' (+ n - 1) must lie in the 64-bit signed range [{SEED_MIN}, {SEED_MAX}]")
     return Resolved(kind=kind, model=model, keyed=keyed, seed=seed, n=n, max_tokens=max_tokens)
 
 
@@ -137,6 +201,8 @@ def key_for_choice(resolved: Resolved, fingerprint: str, choice: int, namespace:
         seed = resolved.seed + choice
     else:
         raise ValueError("unseeded sampling has no key")
+    if seed is not None and abs(seed) > SAFE_INT:
+        seed = str(seed)  # exact; a JSON number past 2^53 is not (and never collides: a string)
     payload = {"schema": KEY_SCHEMA, "fingerprint": fingerprint, "kind": resolved.kind,
                "request": resolved.keyed, "seed": seed}
     digest = hashlib.sha256(canonical(payload)).hexdigest()

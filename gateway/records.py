@@ -38,7 +38,28 @@ class Record:
 
     @classmethod
     def loads(cls, raw: bytes | str) -> "Record":
-        return cls(**json.loads(raw))
+        """Parse and check a stored record; ``RecordError`` when it is not one (nothing that fails
+        here is ever served)."""
+        try:
+            data = json.loads(raw)
+            rec = cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise RecordError(f"not a record: {exc}") from None
+        ints = lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)  # noqa: E731
+        if not (ints(rec.token_ids) and isinstance(rec.pieces, list) and all(isinstance(p, str) for p in rec.pieces)
+                and rec.finish_reason in FINISHED and isinstance(rec.prompt_tokens, int)
+                and isinstance(rec.fingerprint, str) and isinstance(rec.extra, dict)):
+            raise RecordError("a record field has the wrong type or value")
+        return rec
+
+
+class RecordError(ValueError):
+    """Bytes that are not a stored record (corrupt, forged, or from another schema)."""
+
+
+# The finish reasons of a generation that ended as the model or the request decided: only these are
+# stored. vLLM says "abort" when it cut a generation short; a missing reason means a broken answer.
+FINISHED = frozenset({"stop", "length", "tool_calls"})
 
 
 def etag(token_ids_per_choice: list[list[int]]) -> str:
@@ -118,7 +139,16 @@ def record_from_choice(kind: str, choice: dict[str, Any], prompt_tokens: int, fi
     """``deltas``: the worker's streamed text per token, when the entry was generated streamed. They
     always spell the text (the worker holds back a split UTF-8 character until it is whole), so a
     streamed generation is stored - and replayed - one piece per token, as it was sent live."""
-    ids = list(choice.get("token_ids") or [])
+    finish = choice.get("finish_reason")
+    if finish not in FINISHED:
+        raise RecordError(f"the worker's generation did not finish (finish_reason {finish!r}): not stored")
+    ids = choice.get("token_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RecordError("the worker's answer has no list of integer token_ids")
+    text_field = choice.get("text") if kind == "completions" else (choice.get("message") or {}).get("content")
+    if text_field is not None and not isinstance(text_field, str):
+        raise RecordError("the worker's answer text is not a string")
+    ids = list(ids)
     pieces = pieces_from_completion(choice) if kind == "completions" else pieces_from_chat(choice)
     truncatable = len(pieces) == len(ids)
     text = choice.get("text") if kind == "completions" else (choice.get("message") or {}).get("content")
@@ -128,7 +158,7 @@ def record_from_choice(kind: str, choice: dict[str, Any], prompt_tokens: int, fi
     if kind == "chat":
         message = choice.get("message") or {}
         extra = {k: v for k, v in message.items() if k not in ("content",) and v not in (None, [], "")}
-    return Record(token_ids=ids, pieces=pieces, finish_reason=choice.get("finish_reason") or "stop",
+    return Record(token_ids=ids, pieces=pieces, finish_reason=finish,
                   stop_reason=choice.get("stop_reason"), prompt_tokens=prompt_tokens,
                   logprobs=choice.get("logprobs"), fingerprint=fingerprint, created=created, extra=extra,
                   truncatable=truncatable)

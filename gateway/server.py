@@ -77,8 +77,23 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.25))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
         discover=discover,
+        entry_key=entry_key(),
+        check_interval=float(os.environ.get("INVARIANT_GATEWAY_CHECK_INTERVAL", file.get("check_interval", 5.0))),
+        lock_ttl_ms=int(os.environ.get("INVARIANT_GATEWAY_LOCK_TTL_MS", file.get("lock_ttl_ms", 600_000))),
         verify_sample=float(os.environ.get("INVARIANT_GATEWAY_VERIFY_SAMPLE", file.get("verify_sample", 0.0))),
     )
+
+
+def entry_key() -> bytes:
+    """The HMAC secret of Redis entries: ``INVARIANT_GATEWAY_ENTRY_KEY``, or the file named by
+    ``INVARIANT_GATEWAY_ENTRY_KEY_FILE`` (a mounted Secret); empty when neither is set."""
+    path = os.environ.get("INVARIANT_GATEWAY_ENTRY_KEY_FILE")
+    if path:
+        try:
+            return Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise GatewayConfigError(f"cannot read INVARIANT_GATEWAY_ENTRY_KEY_FILE {path}: {exc.strerror}") from exc
+    return os.environ.get("INVARIANT_GATEWAY_ENTRY_KEY", "").encode()
 
 
 def start_embedded_redis():

@@ -25,7 +25,7 @@ from invariant.gateway.auth import Tenant
 from invariant.gateway.call import Call, CallError
 from invariant.gateway.config import PATHS, GatewayConfig, ModelPolicy
 from invariant.gateway.errors import openai_error
-from invariant.gateway.keys import RequestError, Resolved, bypass_reason, resolve
+from invariant.gateway.keys import RequestError, Resolved, bypass_reason, parse_json, resolve
 from invariant.gateway.limits import RateLimiter
 from invariant.gateway.live import Live
 from invariant.gateway.lru import Lru
@@ -57,8 +57,11 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.metrics = Metrics()
-        self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout)
+        self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout, entry_key=config.entry_key)
         self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
+        if not config.entry_key:
+            log.warning("no INVARIANT_GATEWAY_ENTRY_KEY: Redis entries carry a checksum, not a signature; "
+                        "anyone who can write to Redis can forge a cache hit")
         self.limiter = RateLimiter()
         self.flights = SingleFlight(self.store, config.lock_ttl_ms)  # gateway/singleflight.py
         # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
@@ -87,19 +90,25 @@ class Gateway:
         resolved = call.resolved
         started = time.perf_counter()
         try:
-            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, call.body, choice))
+            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, call.body, choice),
+                                             expected=call.fingerprint)
         except (UpstreamError, UpstreamRejected):
             self.metrics.upstream_calls.labels(resolved.model, "error").inc()
             raise
+        try:
+            usage = data.get("usage") or {}
+            record = record_from_choice(resolved.kind, data["choices"][0], int(usage.get("prompt_tokens", 0)),
+                                        data["system_fingerprint"], int(data.get("created") or time.time()))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            self.metrics.upstream_calls.labels(resolved.model, "error").inc()
+            raise UpstreamError(502, f"worker {ep.url} gave an answer that cannot be served: {exc}") from exc
         self.metrics.upstream_calls.labels(resolved.model, "ok").inc()
         self.metrics.upstream_latency.labels(resolved.model).observe(time.perf_counter() - started)
-        usage = data.get("usage") or {}
-        return record_from_choice(resolved.kind, data["choices"][0], usage.get("prompt_tokens", 0),
-                                  data["system_fingerprint"], data.get("created", int(time.time())))
+        return record
 
     async def generate_with_retry(self, call: Call, choice: int) -> Record:
         """Try replicas of the same fingerprint in turn; a different fingerprint is another key."""
-        fingerprint = call.candidates[0].fingerprint
+        fingerprint = call.fingerprint
         last: UpstreamError | None = None
         for ep in [c for c in call.candidates if c.fingerprint == fingerprint]:
             try:
@@ -113,14 +122,14 @@ class Gateway:
         """Like ``generate_with_retry`` (choice 0), but streamed from the worker into ``live`` (and,
         with ``publish``, into that entry's Redis Stream for followers on other replicas)."""
         resolved, candidates = call.resolved, call.candidates
-        fingerprint = candidates[0].fingerprint
+        fingerprint = call.fingerprint
         up = {**self.upstream_body(resolved, call.body, 0), "stream_options": {"include_usage": True}}
         ttl = self.config.lock_ttl_ms
         last: UpstreamError | None = None
         for ep in [c for c in candidates if c.fingerprint == fingerprint]:
             started = time.perf_counter()
             try:
-                async for chunk in self.upstreams.stream(ep, PATHS[resolved.kind], up):
+                async for chunk in self.upstreams.stream(ep, PATHS[resolved.kind], up, expected=fingerprint):
                     index = len(live.progress.token_ids)  # followers check continuity with it
                     live.feed(chunk)
                     if publish:
@@ -270,6 +279,11 @@ class Gateway:
                 return record
             if not ok or record is not None:  # Redis gone, or the peer's entry is too short for us
                 return None
+            if not await self.store.locked(key):
+                # The leader released its lock without storing (it failed), or its lock expired:
+                # nobody is generating this entry; one more look, then lead ourselves.
+                record, _ = await self.store.get(key)
+                return record if record is not None and covers(record, max_tokens) else None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
         return None
@@ -298,17 +312,17 @@ class Gateway:
             self._maybe_reverify(hot.call)
             return self._hot_response(hot)
         try:
-            body = json.loads(raw)
-        except ValueError:
-            return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
+            body = parse_json(raw)
+        except RequestError as exc:
+            return openai_error(400, str(exc), "invalid_request_error")
         if not isinstance(body, dict):
             return openai_error(400, "The request body must be a JSON object.", "invalid_request_error")
         try:
             call = self.shape(kind, body, tenant, request.headers.get("cache-control"))
         except CallError as exc:
             return openai_error(exc.status, exc.message, exc.type_, exc.code, exc.param)
-        resolved, model, ep = call.resolved, call.model, call.candidates[0]
-        headers = {"x-invariant-fingerprint": ep.fingerprint or ""}
+        resolved, model = call.resolved, call.model
+        headers = {"x-invariant-fingerprint": call.fingerprint}
         reason = bypass_reason(resolved, call.cache_control)
         try:
             if reason is not None:
@@ -342,7 +356,7 @@ class Gateway:
                                       want_logprobs=call.want_logprobs, want_token_ids=call.want_token_ids)
             tail = _json_tail(payload)
         if outcome != "BYPASS" and call.store_allowed and "x-invariant-cache-degraded" not in headers:
-            self._hot_put(hot_key, HotEntry(model=model, fingerprint=ep.fingerprint or "",
+            self._hot_put(hot_key, HotEntry(model=model, fingerprint=call.fingerprint,
                                             expires=time.monotonic() + min(HOT_SECONDS, call.policy.ttl_seconds),
                                             records=records, headers=dict(headers, **{"x-invariant-cache": "HIT"}),
                                             body_tail=tail, call=call))
@@ -465,14 +479,18 @@ class Gateway:
         if resolved.max_tokens is not None and resolved.max_tokens > self.config.max_tokens_limit:
             raise CallError(400, f"'max_tokens' exceeds this gateway's limit of {self.config.max_tokens_limit}.",
                             param="max_tokens")
+        total = resolved.n * (resolved.max_tokens or self.config.max_tokens_limit)
+        if resolved.n > 1 and total > self.config.max_total_tokens:
+            raise CallError(400, f"'n' x 'max_tokens' ({total}) exceeds this gateway's limit of "
+                                 f"{self.config.max_total_tokens} tokens per request.", param="n")
         return Call(kind=kind, body=body, resolved=resolved, tenant=tenant,
                     policy=self.config.policies.get(model, ModelPolicy()), candidates=tuple(candidates),
-                    cache_control=cache_control)
+                    cache_control=cache_control, keyed_fingerprint=candidates[0].fingerprint or "")
 
     async def verify(self, kind: str, body: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
         """Replay a stored entry on a worker, bypassing the cache, and compare bits."""
         call = self.shape(kind, body, tenant)
-        model, candidates = call.model, call.candidates
+        model = call.model
         results = []
         for i in range(call.resolved.n):
             key = call.key(i)
@@ -490,11 +508,11 @@ class Gateway:
                 # again: out of Redis, this replica's copy and its hot responses; the next request
                 # for it regenerates.
                 result["evicted"] = await self.store.evict(key)
-                self._drop_hot(model, candidates[0].fingerprint or "")
+                self._drop_hot(model, call.fingerprint)
                 log.warning("verify: entry %s of %s differs from its replay (token ids %s, logprobs %s): evicted",
                             key, model, "match" if same_ids else "differ", "match" if same_lp else "differ")
             results.append(result)
-        return {"fingerprint": candidates[0].fingerprint, "results": results,
+        return {"fingerprint": call.fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
 
 

@@ -16,9 +16,10 @@ from typing import Awaitable, Callable, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from invariant.gateway import entries
 from invariant.gateway.lru import Lru
 from invariant.gateway.metrics import Metrics
-from invariant.gateway.records import Record
+from invariant.gateway.records import Record, RecordError
 
 log = logging.getLogger("invariant.gateway")
 T = TypeVar("T")
@@ -30,8 +31,9 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 
 class Store:
     def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.25, breaker_seconds: float = 2.0,
-                 l1_entries: int = 4096):
+                 l1_entries: int = 4096, entry_key: bytes = b""):
         self.url = url
+        self.entry_key = entry_key  # the HMAC secret of entries (gateway/entries.py)
         self.metrics = metrics
         self.timeout = timeout
         self.breaker_seconds = breaker_seconds
@@ -73,9 +75,24 @@ class Store:
             return default, False
 
     # --- entries ---------------------------------------------------------------------------------
+    # The L1 copy holds record bytes this replica stored or already checked; Redis holds them sealed.
     def _l1_get(self, key: str) -> Record | None:
         raw = self._l1.get(key)
         return None if raw is None else Record.loads(raw)
+
+    def _open(self, key: str, blob: bytes) -> tuple[Record | None, bytes | None]:
+        """A sealed entry from Redis, checked: (record, its bytes), or (None, None) and a count."""
+        raw = entries.unseal(key, blob, self.entry_key)
+        if raw is None:
+            self.metrics.rejected_entries.labels("seal").inc()
+            log.warning("entry %s in Redis is not sealed by this deployment's key: ignored (a MISS)", key)
+            return None, None
+        try:
+            return Record.loads(raw), raw
+        except RecordError as exc:
+            self.metrics.rejected_entries.labels("record").inc()
+            log.warning("entry %s in Redis is not a record (%s): ignored (a MISS)", key, exc)
+            return None, None
 
     def _l1_put(self, key: str, raw: bytes, ttl: int) -> None:
         self._l1.put(key, raw, time.time() + ttl if ttl else 0.0)
@@ -89,12 +106,15 @@ class Store:
             # One round trip: the entry and its remaining TTL (the L1 copy expires with it).
             return await self._redis.pipeline(transaction=False).get(key).ttl(key).execute()
 
-        (raw, ttl), ok = await self._call("get", get_with_ttl, (None, -1))
-        if raw is None:
+        (blob, ttl), ok = await self._call("get", get_with_ttl, (None, -1))
+        if blob is None:
             return None, ok
+        record, raw = self._open(key, blob)
+        if record is None:
+            return None, ok  # forged or corrupt: a miss; the regenerated entry overwrites it
         # Entries are immutable (same key, same bytes), so the L1 copy can never be stale.
         self._l1_put(key, raw, max(int(ttl), 0))
-        return Record.loads(raw), ok
+        return record, ok
 
     async def put(self, key: str, record: Record, ttl: int) -> bool:
         """Store an entry; returns whether Redis took it. The in-process copy is kept either way:
@@ -102,7 +122,8 @@ class Store:
         could not take it, and a generation is never thrown away for a Redis hiccup."""
         raw = record.dumps()
         self._l1_put(key, raw, ttl)
-        _, ok = await self._call("set", lambda: self._redis.set(key, raw, ex=ttl or None), None)
+        sealed = entries.seal(key, raw, self.entry_key)
+        _, ok = await self._call("set", lambda: self._redis.set(key, sealed, ex=ttl or None), None)
         return ok
 
     async def evict(self, key: str) -> bool:
@@ -121,6 +142,11 @@ class Store:
         if not ok:
             return token  # no coordination possible: generate
         return token if got else None
+
+    async def locked(self, key: str) -> bool:
+        """Whether some replica holds the entry's generation lock (True when Redis cannot say)."""
+        held, ok = await self._call("locked", lambda: self._redis.exists(f"{key}:lock"), 1)
+        return bool(held) or not ok
 
     async def unlock(self, key: str, token: str) -> None:
         await self._call("unlock", lambda: self._release(keys=[f"{key}:lock"], args=[token]), 0)
@@ -145,8 +171,8 @@ class Store:
         except (RedisError, OSError, asyncio.TimeoutError):
             return [], False
         events = []
-        for _stream, entries in res or []:
-            for event_id, fields in entries:
+        for _stream, stream_entries in res or []:
+            for event_id, fields in stream_entries:
                 events.append((event_id.decode() if isinstance(event_id, bytes) else event_id,
                                {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                                 for k, v in fields.items()}))

@@ -90,8 +90,12 @@ class Upstreams:
         start = next(self._rr) % len(eps)
         return eps[start:] + eps[:start]
 
-    async def post(self, ep: Endpoint, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One call; connection failures and 5xx mark the endpoint unhealthy and raise UpstreamError."""
+    async def post(self, ep: Endpoint, path: str, body: dict[str, Any], *, expected: str | None = None) -> dict[str, Any]:
+        """One call; connection failures and 5xx mark the endpoint unhealthy and raise UpstreamError.
+        ``expected``: the fingerprint the call is keyed on (default: the endpoint's). Compared with
+        the answer's, not with the endpoint's current one: a health check that lands mid-call may
+        already have moved the endpoint to the worker's new numerics."""
+        expected = ep.fingerprint if expected is None else expected
         try:
             resp = await self.client.post(f"{ep.url}{path}", json=body)
         except httpx.HTTPError as exc:
@@ -106,16 +110,18 @@ class Upstreams:
             raise UpstreamError(502, f"worker {ep.url} answered non-JSON") from exc
         if resp.status_code >= 400:
             raise UpstreamRejected(resp.status_code, data)
-        if data.get("system_fingerprint") != ep.fingerprint:
+        if not isinstance(data, dict) or data.get("system_fingerprint") != expected:
             # The worker's numerics changed under us (restart on another node?): never store this.
             asyncio.get_running_loop().create_task(self.check(ep))
-            raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {data.get('system_fingerprint')}, "
-                                     f"expected {ep.fingerprint}")
+            got = data.get("system_fingerprint") if isinstance(data, dict) else None
+            raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {got}, expected {expected}")
         return data
 
-    async def stream(self, ep: Endpoint, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, ep: Endpoint, path: str, body: dict[str, Any], *,
+                     expected: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """One streamed call: the worker's SSE chunks, parsed. Failures as for ``post``; a chunk
-        stamped with another fingerprint than the endpoint's aborts the call (nothing is stored)."""
+        stamped with another fingerprint than ``expected`` (the call's) aborts the call (nothing is stored)."""
+        expected = ep.fingerprint if expected is None else expected
         try:
             async with self.client.stream("POST", f"{ep.url}{path}", json={**body, "stream": True}) as resp:
                 if resp.status_code >= 500:
@@ -140,9 +146,9 @@ class Upstreams:
                     if "error" in chunk and "choices" not in chunk:
                         raise UpstreamError(502, f"worker {ep.url} failed mid-stream: {chunk['error']}")
                     fp = chunk.get("system_fingerprint")
-                    if fp is not None and fp != ep.fingerprint:
+                    if fp is not None and fp != expected:
                         asyncio.get_running_loop().create_task(self.check(ep))
-                        raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {fp}, expected {ep.fingerprint}")
+                        raise UpstreamError(502, f"worker {ep.url} answered with fingerprint {fp}, expected {expected}")
                     yield chunk
         except httpx.HTTPError as exc:
             ep.healthy, ep.error = False, f"{type(exc).__name__}: {exc}"

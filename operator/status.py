@@ -48,19 +48,22 @@ def _condition(previous: Mapping[str, Any], ctype: str, ok: bool, reason: str, m
 
 
 def invalid_status(previous: Mapping[str, Any], errors: list[str], generation: int, now: str) -> dict[str, Any]:
+    """An invalid edit is not rolled out, so the workers of the last valid spec keep running: their
+    endpoints stay published (gateways route by them; issue 14: clearing them took a serving model
+    off every gateway for a typo)."""
     message = "; ".join(errors)
     return {
         "phase": "Invalid",
         "observedGeneration": generation,
-        "readyReplicas": 0,
+        "readyReplicas": int(previous.get("readyReplicas") or 0),
         "conditions": [
             _condition(previous, "Ready", False, "InvalidSpec", message, now),
             _condition(previous, "Progressing", False, "InvalidSpec", "nothing is rolled out for an invalid spec", now),
             _condition(previous, "Degraded", True, "InvalidSpec", message, now),
             _condition(previous, "FingerprintMismatch", False, "InvalidSpec", "", now),
         ],
-        "endpoints": [],
-        "replicas": [],
+        "endpoints": list(previous.get("endpoints") or []),
+        "replicas": list(previous.get("replicas") or []),
     }
 
 

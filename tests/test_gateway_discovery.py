@@ -11,10 +11,22 @@ from invariant.operator.status import PodView, fold_status
 import pytest
 
 
-def dm(name, served, endpoints, sharing="tenant"):
-    return {"metadata": {"name": name}, "spec": {"model": {"servedName": served}, "cache": {"ttlSeconds": 60,
-                                                                                             "sharing": sharing}},
+def dm(name, served, endpoints, sharing="tenant", namespace="default", created="2026-12-01T00:00:00Z"):
+    return {"metadata": {"name": name, "namespace": namespace, "creationTimestamp": created},
+            "spec": {"model": {"servedName": served}, "cache": {"ttlSeconds": 60, "sharing": sharing}},
             "status": {"endpoints": endpoints}}
+
+
+def test_a_model_in_another_namespace_cannot_take_over_a_served_name():
+    """Issue 14: discovery merged every namespace's DeterministicModels by served name, the last one's
+    policy winning: a DM anywhere could add its workers behind a model and share its cache."""
+    owner = dm("qwen", "qwen", [{"url": "http://10.0.0.1:8000"}], "tenant", "team-a", "2026-12-01T00:00:00Z")
+    hijack = dm("evil", "qwen", [{"url": "http://10.6.6.6:8000"}], "shared", "intruder", "2026-12-02T00:00:00Z")
+    for order in ([owner, hijack], [hijack, owner]):  # the list order the API server happens to give
+        conflicts: list[str] = []
+        models, policies = routes_from_objects(order, conflicts)
+        assert models == {"qwen": ["http://10.0.0.1:8000"]} and policies["qwen"].sharing == "tenant"
+        assert conflicts == ["intruder/evil claims `qwen`, which team-a/qwen serves: ignored"]
 
 
 def test_routes_follow_operator_status():

@@ -100,7 +100,7 @@ def test_fields_that_cannot_change_a_choice_are_left_out(field, value):
 def test_fingerprint_namespace_kind_and_choice_are_in_the_key():
     assert key(BASE, fp="inv-ffffffffffffffff") != key(BASE)
     assert key(BASE, ns="t:b") != key(BASE)
-    assert key({**CHAT}, "chat") != key({"model": "m", "prompt": CHAT["messages"], "temperature": 0})
+    assert key({**CHAT}, "chat") != key({"model": "m", "prompt": "p", "messages": CHAT["messages"], "temperature": 0})
 
 
 def test_omitted_sampling_parameters_resolve_to_the_models_defaults():
@@ -149,3 +149,14 @@ def test_cacheability_and_cache_control():
 def test_bad_requests(body, message):
     with pytest.raises(RequestError, match=message.replace("(", r"\(").replace("*", r"\*")):
         resolve("completions", body, DEFAULTS)
+
+
+@pytest.mark.parametrize("seed", [(1 << 53) + 1, (1 << 63) - 1, -(1 << 63)])
+def test_seeds_past_2_53_are_keyed_exactly(seed):
+    """As JSON numbers (IEEE doubles) 2^53 + 1 and 2^53 + 2 are one value: keyed as strings, each
+    64-bit seed is its own entry, and choice i (seed + i) too."""
+    body = {"model": "m", "prompt": "p", "temperature": 0.8}
+    neighbours = {key({**body, "seed": s}) for s in (seed, seed + 1 if seed < (1 << 63) - 1 else seed - 1)}
+    assert len(neighbours) == 2
+    if seed < (1 << 63) - 1:
+        assert key({**body, "seed": seed}, choice=1) == key({**body, "seed": seed + 1})

@@ -224,3 +224,14 @@ def test_tokens_merged_into_one_chunk_are_cut_by_their_strings():
     live += list(render_stream_rest("completions", cut.record(), 3, include_usage=True, **kw))
     assert live == list(render_stream("completions", [whole.record()], include_usage=True, **kw))
     assert covers(cut.record(), 2)
+
+
+def test_entries_are_sealed_to_their_key_and_secret():
+    from invariant.gateway.entries import seal, unseal
+
+    blob = seal("inv:k", b'{"a":1}', b"secret")
+    assert unseal("inv:k", blob, b"secret") == b'{"a":1}'
+    assert unseal("inv:other", blob, b"secret") is None  # a true entry copied under another key
+    assert unseal("inv:k", blob, b"other secret") is None
+    assert unseal("inv:k", blob.replace(b'"a":1', b'"a":2'), b"secret") is None
+    assert unseal("inv:k", b'{"a":1}', b"secret") is None and unseal("inv:k", b"", b"secret") is None

@@ -80,6 +80,19 @@ def test_invalid_status():
     s = invalid_status({}, ["a", "b"], 4, NOW)
     assert s["phase"] == "Invalid" and conditions(s)["Ready"] == "False"
     assert next(c for c in s["conditions"] if c["type"] == "Ready")["message"] == "a; b"
+    assert s["endpoints"] == [] and s["readyReplicas"] == 0
+
+
+def test_an_invalid_edit_keeps_the_serving_endpoints():
+    """The last valid spec's workers keep running (nothing is rolled out for an invalid one), so
+    gateways must keep routing to them."""
+    serving = fold_status(previous={}, generation=1, desired_replicas=1, pins="p", expected_fingerprint=None,
+                          pods=[PodView("w1", "p", "10.0.0.1", 8000, True, "1")],
+                          observed={"w1": "inv-aaaaaaaaaaaaaaaa"}, now=NOW)
+    assert serving["endpoints"]
+    s = invalid_status(serving, ["bad"], 2, NOW)
+    assert s["endpoints"] == serving["endpoints"] and s["readyReplicas"] == serving["readyReplicas"]
+    assert s["phase"] == "Invalid" and conditions(s)["Degraded"] == "True"
 
 
 def test_pod_view_reads_pod_objects():

@@ -1,0 +1,280 @@
+"""Issue 14: the attacks and faults a production gateway meets, each against a real redis-server and
+a real gateway process, with a programmable stand-in worker (tests/fake_worker.py) where the worker
+must misbehave on cue. Every answer is OpenAI-shaped; nothing a hostile request or a broken worker
+produces is ever stored or served as a hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from conftest import free_port
+from fake_worker import FakeWorker
+from invariant.gateway.entries import seal
+from test_gateway_service import Gateway, RedisServer
+
+ENTRY_KEY = "test-entry-key-0123456789abcdef"
+FAST = {"INVARIANT_GATEWAY_CHECK_INTERVAL": "0.2", "INVARIANT_GATEWAY_ENTRY_KEY": ENTRY_KEY}
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def fake():
+    worker = FakeWorker().start()
+    yield worker
+    worker.stop()
+
+
+class _W:  # what Gateway() reads of a worker
+    def __init__(self, name: str, url: str):
+        self.name, self.url = name, url
+
+
+@pytest.fixture()
+def gateway(fake, redis_server, tmp_path):
+    redis_cli(redis_server, "FLUSHALL")
+    gw = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+    yield gw
+    gw.stop()
+
+
+def redis_cli(server, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(server.port), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def entries(server) -> list[str]:
+    return [k for k in redis_cli(server, "--scan", "--pattern", "inv:*").split() if not k.endswith((":lock", ":live"))]
+
+
+def metric(gw, name: str) -> float:
+    """The sum of a counter over its labels."""
+    text = httpx.get(f"{gw.url}/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M))
+
+
+def raw_post(gw, data: bytes | str, path: str = "/v1/completions") -> httpx.Response:
+    return httpx.post(f"{gw.url}{path}", content=data, headers={"content-type": "application/json"}, timeout=30)
+
+
+def assert_openai_error(resp: httpx.Response, status: int | tuple[int, ...]) -> dict:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert resp.status_code in statuses, (resp.status_code, resp.text[:300])
+    body = resp.json()
+    assert set(body) == {"error"} and isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+# --- 4. ordinary hostile input: a 4xx with an OpenAI error, never a 500, nothing stored -------------
+
+DEEP = "[" * 50_000 + "]" * 50_000
+HOSTILE = {
+    "seed beyond 64 bits": '{"model":"m","prompt":"x","temperature":0.8,"seed":%d}' % (1 << 70),
+    "seed past int64 (vLLM's range)": '{"model":"m","prompt":"x","temperature":0.8,"seed":%d}' % (1 << 63),
+    "seed + n past int64": '{"model":"m","prompt":"x","temperature":0.8,"n":2,"seed":%d}' % ((1 << 63) - 1),
+    "negative seed beyond 64 bits": '{"model":"m","prompt":"x","temperature":0.8,"seed":%d}' % -(1 << 70),
+    "an integer beyond 2^53 elsewhere": '{"model":"m","prompt":"x","temperature":0,"logit_bias":{"5":%d}}' % (1 << 60),
+    "NaN": '{"model":"m","prompt":"x","temperature":NaN}',
+    "Infinity": '{"model":"m","prompt":"x","temperature":0,"top_p":Infinity}',
+    "-Infinity": '{"model":"m","prompt":"x","temperature":-Infinity}',
+    "deep nesting": '{"model":"m","prompt":%s}' % DEEP,
+    "deep nesting in a keyed field": '{"model":"m","prompt":"x","temperature":0,"extra":%s}' % ("[" * 5000 + "]" * 5000),
+    "model is a list": '{"model":[],"prompt":"x"}',
+    "model is an object": '{"model":{"a":1},"prompt":"x"}',
+    "a list of prompts": '{"model":"m","prompt":["a","b"],"temperature":0}',
+    "a list of token-id prompts": '{"model":"m","prompt":[[1,2],[3]],"temperature":0}',
+    "seed is a float": '{"model":"m","prompt":"x","temperature":0.8,"seed":1.5}',
+    "n times max_tokens beyond the limit": '{"model":"m","prompt":"x","temperature":0,"n":128,"max_tokens":32768}',
+    "invalid UTF-8": b'{"model":"m","prompt":"\xff\xfe","temperature":0}',
+    "a lone surrogate": '{"model":"m","prompt":"\\ud800","temperature":0}',
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_bodies_get_an_openai_error_and_store_nothing(gateway, fake, redis_server, case):
+    before = redis_cli(redis_server, "DBSIZE")
+    err = assert_openai_error(raw_post(gateway, HOSTILE[case]), (400, 404, 413))
+    assert "Traceback" not in err["message"]
+    assert redis_cli(redis_server, "DBSIZE") == before
+
+
+@pytest.mark.parametrize("seed", [(1 << 63) - 1, -(1 << 63), (1 << 53) + 1])
+def test_a_64_bit_seed_is_served_and_cached(gateway, fake, seed):
+    body = {"model": "m", "prompt": "x", "temperature": 0.8, "seed": seed, "max_tokens": 4}
+    first = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30)
+    again = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30)
+    assert first.status_code == 200 and again.headers["x-invariant-cache"] == "HIT"
+    assert fake.behaviour.bodies[-1]["seed"] == seed and fake.behaviour.calls == 1
+
+
+VERIFY_HOSTILE = ['[]', '[{"request": {}}]', '{"kind": [], "request": {"model": "m", "prompt": "x"}}',
+                  '{"kind": {"a": 1}, "request": {"model": "m", "prompt": "x"}}', '{"request": []}',
+                  '{"request": {"model": "m", "prompt": "x", "temperature": NaN}}']
+
+
+@pytest.mark.parametrize("data", VERIFY_HOSTILE)
+def test_hostile_verify_bodies_get_an_openai_error(gateway, data):
+    assert_openai_error(raw_post(gateway, data, "/invariant/verify"), (400, 404))
+
+
+# --- 3. what the worker answered is checked before it is stored ----------------------------------
+
+@pytest.mark.parametrize("finish", ["abort", None, "weird"], ids=["abort", "missing", "unknown"])
+def test_an_unfinished_generation_is_not_stored(gateway, fake, redis_server, finish):
+    fake.behaviour.finish_reason = finish
+    body = {"model": "m", "prompt": f"unfinished {finish}", "temperature": 0, "max_tokens": 4}
+    first = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30)
+    assert_openai_error(first, 502)
+    assert entries(redis_server) == []
+    fake.behaviour.finish_reason = "length"
+    ok = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30)
+    assert ok.status_code == 200 and ok.headers["x-invariant-cache"] == "MISS"
+
+
+@pytest.mark.parametrize("ids", [["a"], "1 2", None, [True]], ids=["strings", "a string", "null", "booleans"])
+def test_a_malformed_worker_answer_is_a_502_and_not_stored(gateway, fake, redis_server, ids):
+    fake.behaviour.token_ids = ids if ids is not None else {"not": "a list"}
+    resp = httpx.post(f"{gateway.url}/v1/completions", json={"model": "m", "prompt": f"p {ids}", "temperature": 0},
+                      timeout=30)
+    assert_openai_error(resp, 502)
+    assert entries(redis_server) == []
+
+
+# --- 2. entries in Redis are authenticated: forged or corrupt -> MISS and a metric ------------------
+
+def _stored_key(gateway, redis_server, prompt: str) -> tuple[dict, str]:
+    body = {"model": "m", "prompt": prompt, "temperature": 0, "max_tokens": 4}
+    assert httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30).status_code == 200
+    (key,) = entries(redis_server)
+    return body, key
+
+
+FORGERIES = ["garbage", "truncated", "unsigned record", "signed with another secret", "signed for another key",
+             "signed, wrong types"]
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_a_forged_or_corrupt_entry_is_a_miss_and_counted(fake, redis_server, tmp_path, how):
+    redis_cli(redis_server, "FLUSHALL")
+    gw = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+    try:
+        body, key = _stored_key(gw, redis_server, f"forge {how}")
+        truth = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+        stored = redis_cli(redis_server, "GET", key)
+        record = stored.split(".", 2)[2]
+        evil = json.dumps({"token_ids": [1, 2, 3, 4], "pieces": ["e", "v", "i", "l"], "finish_reason": "length",
+                           "prompt_tokens": 3, "fingerprint": "inv-fake-a"})
+        forged = {"garbage": "not an entry", "truncated": stored[: len(stored) // 2], "unsigned record": evil,
+                  "signed with another secret": seal(key, evil.encode(), b"another secret").decode(),
+                  "signed for another key": seal(key + "x", record.encode(), ENTRY_KEY.encode()).decode(),
+                  "signed, wrong types": seal(key, json.dumps({"token_ids": "x", "pieces": 1}).encode(),
+                                              ENTRY_KEY.encode()).decode()}[how]
+        redis_cli(redis_server, "SET", key, forged)
+        # a fresh replica (no in-process copy of the true entry) reads the forged one
+        other = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+        try:
+            calls = fake.behaviour.calls
+            resp = httpx.post(f"{other.url}/v1/completions", json=body, timeout=30)
+            assert resp.status_code == 200 and resp.headers["x-invariant-cache"] == "MISS"
+            assert resp.json()["choices"][0]["text"] == truth
+            assert fake.behaviour.calls == calls + 1
+            refused = metric(other, "invariant_gateway_rejected_entries_total")
+            assert refused >= 1  # each read of it is refused (the lookup, and the leader's second look)
+            again = httpx.post(f"{other.url}/v1/completions", json=body, timeout=30)
+            assert again.headers["x-invariant-cache"] == "HIT"  # the regenerated entry replaced the forged one
+            assert metric(other, "invariant_gateway_rejected_entries_total") == refused
+        finally:
+            other.stop()
+    finally:
+        gw.stop()
+
+
+def test_the_control_a_true_entry_from_redis_is_a_hit_on_a_fresh_replica(fake, redis_server, tmp_path):
+    """Control of the test above: without forgery, a fresh replica serves the stored entry."""
+    redis_cli(redis_server, "FLUSHALL")
+    gw = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+    other = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+    try:
+        body, _ = _stored_key(gw, redis_server, "a true entry")
+        calls = fake.behaviour.calls
+        assert httpx.post(f"{other.url}/v1/completions", json=body, timeout=30).headers["x-invariant-cache"] == "HIT"
+        assert fake.behaviour.calls == calls and metric(other, "invariant_gateway_rejected_entries_total") == 0
+    finally:
+        other.stop()
+        gw.stop()
+
+
+# --- 5. followers do not wait out the lock when the leader gives up ---------------------------------
+
+def test_followers_stop_waiting_when_the_leader_fails(fake, redis_server, tmp_path):
+    redis_cli(redis_server, "FLUSHALL")
+    fake.behaviour.delay, fake.behaviour.status = 1.0, 500
+    a = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+    b = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, env=FAST)
+    try:
+        body = {"model": "m", "prompt": "leader fails", "temperature": 0, "max_tokens": 4}
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60) as client:
+                lead = asyncio.create_task(client.post(f"{a.url}/v1/completions", json=body))
+                await asyncio.sleep(0.3)
+                t0 = time.monotonic()
+                follow = await client.post(f"{b.url}/v1/completions", json=body)
+                return await lead, follow, time.monotonic() - t0
+
+        lead, follow, waited = asyncio.run(scenario())
+        assert_openai_error(lead, 502)
+        assert_openai_error(follow, 502)  # it led itself once the leader gave up, and failed the same way
+        assert waited < 10, f"the follower waited {waited:.1f}s"
+        assert entries(redis_server) == []
+    finally:
+        a.stop()
+        b.stop()
+
+
+# --- 6. a fingerprint that changes mid-call never stores its output under the old key ---------------
+
+def test_a_fingerprint_switch_mid_call_stores_nothing_under_the_old_key(gateway, fake, redis_server):
+    # longer than the default health-check interval (5 s), so it reproduces without our interval knob
+    fake.behaviour.switch_to, fake.behaviour.delay = "inv-fake-b", 6.0  # health checks see B meanwhile
+    fake.behaviour.answer_fingerprint = "inv-fake-b"
+    body = {"model": "m", "prompt": "switch", "temperature": 0, "max_tokens": 4}
+    resp = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30)
+    assert_openai_error(resp, 502)
+    assert entries(redis_server) == []
+    fake.behaviour.switch_to, fake.behaviour.delay = None, 0.0
+    ok = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=30)
+    assert ok.status_code == 200 and ok.headers["x-invariant-fingerprint"] == "inv-fake-b"
+
+
+# --- 7. one model without workers does not take the gateway out of its Service ----------------------
+
+def test_ready_while_one_model_has_no_worker(fake, redis_server, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = Gateway([_W("m", fake.url), _W("gone", dead)], redis_server.url, tmp_path, env=FAST)
+    try:
+        ready = httpx.get(f"{gw.url}/ready", timeout=5)
+        assert ready.status_code == 200 and ready.json()["models"]["gone"][0]["healthy"] is False
+        ok = httpx.post(f"{gw.url}/v1/completions", json={"model": "m", "prompt": "x", "temperature": 0}, timeout=30)
+        assert ok.status_code == 200
+        assert_openai_error(httpx.post(f"{gw.url}/v1/completions", json={"model": "gone", "prompt": "x"}, timeout=30),
+                            503)
+        fake.behaviour.ready = False
+        time.sleep(1.0)
+        assert httpx.get(f"{gw.url}/ready", timeout=5).status_code == 503  # no model can be served at all
+    finally:
+        gw.stop()
+
