@@ -81,6 +81,18 @@ def _resources(view: ModelSpecView) -> dict[str, Any]:
     return res
 
 
+# Pod Security Standard "restricted", and more: no root, no privilege escalation, no capabilities,
+# the runtime's seccomp profile, a read-only root filesystem (vLLM's and Triton's caches go to a
+# scratch emptyDir), and no service-account token (a worker never calls the Kubernetes API).
+WORKER_UID = 10001
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+SCRATCH_MOUNT = {"name": "scratch", "mountPath": "/tmp"}
+SCRATCH_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
+
+
 def _volumes(view: ModelSpecView) -> tuple[list[dict], list[dict], list[dict]]:
     """(volumes, worker mounts, init containers) for the model source."""
     if view.model.hf_repo:
@@ -89,7 +101,9 @@ def _volumes(view: ModelSpecView) -> tuple[list[dict], list[dict], list[dict]]:
             "image": view.numerics.image,
             "command": ["hf", "download", view.model.hf_repo, "--revision", view.model.hf_revision,
                         "--local-dir", MODEL_MOUNT],
-            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+            "env": SCRATCH_ENV,
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}, SCRATCH_MOUNT],
+            "securityContext": CONTAINER_SECURITY,
         }]
         return [{"name": "model", "emptyDir": {}}], [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], init
     volumes = [{"name": "model", "persistentVolumeClaim": {"claimName": view.model.pvc_claim, "readOnly": True}}]
@@ -106,19 +120,22 @@ def render_deployment(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, A
         "imagePullPolicy": "IfNotPresent",
         "command": ["invariant"],
         "args": worker_args(view),
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"}],
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"}, *SCRATCH_ENV],
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
         "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 15, "failureThreshold": 4},
         "readinessProbe": probe,
         "resources": _resources(view),
-        "volumeMounts": mounts + [{"name": "shm", "mountPath": "/dev/shm"}],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "volumeMounts": mounts + [{"name": "shm", "mountPath": "/dev/shm"}, SCRATCH_MOUNT],
+        "securityContext": CONTAINER_SECURITY,
     }
     pod_spec: dict[str, Any] = {
         "affinity": node_affinity(view),
+        "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY,
         "containers": [container],
-        "volumes": volumes + [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+        "volumes": volumes + [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+                              {"name": "scratch", "emptyDir": {"sizeLimit": "32Gi"}}],
         "terminationGracePeriodSeconds": 60,
     }
     if init:

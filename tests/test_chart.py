@@ -13,14 +13,18 @@ import yaml
 from invariant.operator.crd import crd, crd_yaml
 from invariant.operator.spec import parse_spec
 from k8s_tools import binary
+from pod_security import violations
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "invariant"
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.yaml"))
 K8S_VERSION = "1.35.0"
 
+KEYS = ["--set", "gateway.apiKeysSecret=gateway-keys"]  # the defaults require API keys for the gateway
 VARIANTS = {
-    "defaults": [],
+    "defaults": KEYS,
+    "no-auth-no-network-policies": ["--set", "gateway.auth.required=false", "--set", "networkPolicy.enabled=false",
+                                    "--set", "cache.existingSecret=my-cache"],
     "external-redis-no-gateway": ["--set", "redis.enabled=false", "--set", "redis.externalUrl=redis://cache:6379/0",
                                   "--set", "gateway.enabled=false"],
     "digests-namespaces-persistence": [
@@ -80,10 +84,14 @@ def by_kind_name(docs, kind, suffix):
 
 
 def test_defaults_wire_the_components(helm):
-    docs = template(helm)
+    docs = template(helm, *KEYS)
     gateway = by_kind_name(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in gateway["env"]}
-    assert env["REDIS_URL"] == "redis://rel-invariant-redis:6379/0"
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in gateway["env"]}
+    # the password comes from the cache Secret and is expanded into the URL by Kubernetes
+    assert env["REDIS_URL"] == "redis://:$(REDIS_PASSWORD)@rel-invariant-redis:6379/0"
+    assert [e["name"] for e in gateway["env"]].index("REDIS_PASSWORD") < [e["name"] for e in gateway["env"]].index("REDIS_URL")
+    assert env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "rel-invariant-cache", "key": "redis-password"}}
+    assert env["INVARIANT_GATEWAY_ENTRY_KEY"] == {"secretKeyRef": {"name": "rel-invariant-cache", "key": "entry-key"}}
     config = by_kind_name(docs, "ConfigMap", "-redis")["data"]["redis.conf"]
     assert "maxmemory-policy allkeys-lru" in config and "maxmemory 1gb" in config
     operator = by_kind_name(docs, "Deployment", "-operator")
@@ -92,13 +100,13 @@ def test_defaults_wire_the_components(helm):
 
 
 def test_operator_rbac_is_least_privilege(helm):
-    role = by_kind_name(template(helm), "ClusterRole", "-operator")
+    role = by_kind_name(template(helm, *KEYS), "ClusterRole", "-operator")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
     assert rules[(("",), ("pods",))] == {"get", "list", "watch"}  # pods are only read
     assert rules[(("invariant.dev",), ("deterministicmodels/status",))] == {"get", "patch"}
     every_verb = set().union(*rules.values())
     assert "delete" not in every_verb and "*" not in every_verb  # children go by ownerReferences
-    gateway_role = by_kind_name(template(helm), "ClusterRole", "-gateway")
+    gateway_role = by_kind_name(template(helm, *KEYS), "ClusterRole", "-gateway")
     assert gateway_role["rules"] == [{"apiGroups": ["invariant.dev"], "resources": ["deterministicmodels"],
                                       "verbs": ["get", "list", "watch"]}]
 
@@ -108,11 +116,74 @@ def test_operator_rbac_is_least_privilege(helm):
     (["--set", "operator.replicas=0"], "at '/operator/replicas': minimum: got 0, want 1"),
     (["--set", "images.gateway.digest=latest"], "at '/images/gateway/digest'"),
     (["--set", "gateway.unknownKey=1"], "additional properties 'unknownKey' not allowed"),
-    (["--set", "redis.enabled=false"], "redis.externalUrl is required when redis.enabled is false"),
+    (["--set", "redis.enabled=false", *KEYS], "redis.externalUrl is required when redis.enabled is false"),
+    ([], "gateway.auth.required: set gateway.apiKeysSecret"),
+    (["--set", "networkPolicy.gatewayFrom=x", *KEYS], "at '/networkPolicy/gatewayFrom'"),
 ])
 def test_bad_values_are_refused(helm, args, message):
     res = subprocess.run([str(helm), "template", "rel", str(CHART), *args], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and message in res.stderr, res.stderr
+
+
+def test_redis_needs_its_password_and_only_the_gateway_reaches_it(helm):
+    docs = template(helm, *KEYS)
+    redis = by_kind_name(docs, "StatefulSet", "-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert redis["command"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": "rel-invariant-cache", "key": "redis-password"}
+    secret = by_kind_name(docs, "Secret", "-cache")
+    assert set(secret["data"]) == {"redis-password", "entry-key"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    policy = by_kind_name(docs, "NetworkPolicy", "-redis")["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/instance": "rel", "app.kubernetes.io/component": "gateway"}}}],
+        "ports": [{"port": 6379, "protocol": "TCP"}]}]
+    gateway_policy = by_kind_name(docs, "NetworkPolicy", "-gateway")["spec"]
+    assert gateway_policy["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    # with a Secret of one's own the chart generates none
+    own = template(helm, *KEYS, "--set", "cache.existingSecret=my-cache")
+    assert not [d for d in own if d["kind"] == "Secret"]
+    env = {e["name"]: e.get("valueFrom") for e in by_kind_name(own, "Deployment", "-gateway")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["INVARIANT_GATEWAY_ENTRY_KEY"]["secretKeyRef"]["name"] == "my-cache"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_pod_meets_the_restricted_pod_security_standard(helm, variant):
+    pods = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in template(helm, *VARIANTS[variant])
+            if d["kind"] in ("Deployment", "StatefulSet")]
+    assert pods
+    assert {name: violations(pod) for name, pod in pods} == {name: [] for name, _ in pods}
+
+
+def test_control_the_pod_security_check_refuses_each_rule():
+    """The check above can fail: each rule broken in a pod that otherwise passes is named."""
+    good = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
+                                                            "readOnlyRootFilesystem": True,
+                                                            "capabilities": {"drop": ["ALL"]}}}],
+            "volumes": [{"name": "v", "emptyDir": {}}]}
+    assert violations(good) == []
+    broken = {
+        "hostNetwork": lambda p: p.update(hostNetwork=True),
+        "hostPath": lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        "allowPrivilegeEscalation": lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "capabilities do not drop": lambda p: p["containers"][0]["securityContext"].pop("capabilities"),
+        "capabilities added": lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        "runAsNonRoot": lambda p: p["securityContext"].pop("runAsNonRoot"),
+        "runAsUser 0": lambda p: p["containers"][0]["securityContext"].update(runAsUser=0),
+        "seccompProfile": lambda p: p["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        "hostPort": lambda p: p["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]),
+        "writable": lambda p: p["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
+    }
+    import copy
+
+    for rule, breaks in broken.items():
+        pod = copy.deepcopy(good)
+        breaks(pod)
+        assert any(rule in v for v in violations(pod)), rule
 
 
 def test_chart_crd_is_generated_from_the_operator():
@@ -164,7 +235,7 @@ def test_worker_image_is_from_the_pinned_vllm():
 
 def test_validator_control_rejects_a_broken_object(helm):
     """The validation above must be able to fail: a rendered object with one bad field is refused."""
-    dep = by_kind_name(template(helm), "Deployment", "-operator")
+    dep = by_kind_name(template(helm, *KEYS), "Deployment", "-operator")
     dep["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSION, strict=True)

@@ -19,6 +19,7 @@ from openai import OpenAI
 
 from conftest import free_port
 from invariant.gateway.auth import hash_key
+from invariant.gateway.entries import seal, unseal
 
 pytestmark = pytest.mark.engine
 PROMPT = "Tell me about reproducibility"
@@ -314,20 +315,21 @@ def test_verify_reports_a_tampered_entry_and_evicts_it(worker_pair, redis_server
     finally:
         writer.stop()
     truth = first.json()["choices"][0]
+    # The poisoner holds the deployment's entry key (these gateways run without one: a checksum),
+    # so its entry is sealed like a true one: what only a replay can tell from the truth.
     entries = {}
     for k in redis_cli(redis_server, "--scan", "--pattern", "inv:*").split():
         if redis_cli(redis_server, "TYPE", k).strip() == "string":
-            try:
-                entries[k] = json.loads(redis_cli(redis_server, "GET", k))
-            except ValueError:
-                continue  # a lock token, not an entry
-    [key] = [k for k, e in entries.items() if isinstance(e, dict) and e.get("token_ids") == truth["token_ids"]]
-    entry = json.loads(redis_cli(redis_server, "GET", key))
+            raw = unseal(k, redis_cli(redis_server, "GET", k).rstrip("\n"), b"")
+            if raw is not None:  # a lock token is not an entry
+                entries[k] = json.loads(raw)
+    [key] = [k for k, e in entries.items() if e.get("token_ids") == truth["token_ids"]]
+    entry = entries[key]
     if tamper == "token_ids":
         entry["token_ids"][3] = (entry["token_ids"][3] + 1) % 1000
     else:
         entry["logprobs"]["token_logprobs"][2] = entry["logprobs"]["token_logprobs"][2] - 2.0**-20
-    redis_cli(redis_server, "SET", key, json.dumps(entry))
+    redis_cli(redis_server, "SET", key, seal(key, json.dumps(entry).encode(), b"").decode())
     gw = Gateway(worker_pair, redis_server.url, tmp_path)  # a replica without the true entry in memory
     try:
         poisoned = post(gw, **body)
@@ -346,7 +348,7 @@ def test_verify_reports_a_tampered_entry_and_evicts_it(worker_pair, redis_server
         assert again.headers["x-invariant-cache"] == "MISS"  # regenerated, not the hot or local copy
         assert again.json()["choices"][0]["token_ids"] == truth["token_ids"]
         assert again.json()["choices"][0]["logprobs"] == truth["logprobs"]
-        assert json.loads(redis_cli(redis_server, "GET", key))["token_ids"] == truth["token_ids"]
+        assert json.loads(unseal(key, redis_cli(redis_server, "GET", key).rstrip("\n"), b""))["token_ids"] == truth["token_ids"]
         ok = httpx.post(f"{gw.url}/invariant/verify", json={"kind": "completions", "request": body}, timeout=120)
         assert ok.status_code == 200 and ok.json()["match"] is True
     finally:

@@ -7,6 +7,7 @@ import asyncio
 import redis
 
 from conftest import free_port
+from invariant.gateway.entries import unseal
 from invariant.gateway.metrics import Metrics
 from invariant.gateway.records import Record
 from invariant.gateway.store import Store
@@ -30,7 +31,7 @@ def test_a_slow_live_publish_does_not_make_the_entry_skip_redis(redis_server):  
             await store.close()
 
     asyncio.run(scenario())
-    assert Record.loads(redis.Redis.from_url(redis_server.url).get("k1")) == RECORD
+    assert Record.loads(unseal("k1", redis.Redis.from_url(redis_server.url).get("k1"), b"")) == RECORD
 
 
 def _with_a_redis_to_kill(scenario) -> None:

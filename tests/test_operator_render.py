@@ -160,3 +160,21 @@ def test_the_rendered_worker_command_is_one_the_worker_accepts():
     assert (options.gpu_gemm, options.expect_fingerprint, options.served_model_name) == (
         "invariant", "inv-0123456789abcdef", "qwen3-8b")
     assert options.extra_vllm_args == ("--max-model-len=8192",)
+
+
+@pytest.mark.parametrize("source", ["huggingFace", "pvc"])
+def test_worker_pods_meet_the_restricted_pod_security_standard(source):
+    """Issue 14: worker pods ran as root with a writable root filesystem, capabilities kept, no seccomp
+    profile and a service-account token mounted. Now the restricted profile (tests/pod_security.py),
+    a read-only root with a scratch emptyDir for the caches, and no token."""
+    from pod_security import violations
+
+    spec = dm_spec() if source == "huggingFace" else dm_spec(
+        **{"model.huggingFace": DELETE, "model.pvc": {"claimName": "models", "path": "qwen3-8b"}})
+    pod = render_deployment(parse_spec("qwen", "models", spec), OWNER)["spec"]["template"]["spec"]
+    assert violations(pod) == []
+    assert pod["automountServiceAccountToken"] is False
+    assert (source == "huggingFace") == bool(pod.get("initContainers"))
+    for c in pod["containers"] + pod.get("initContainers", []):
+        assert {"name": "HOME", "value": "/tmp"} in c["env"]
+        assert {"name": "scratch", "mountPath": "/tmp"} in c["volumeMounts"]

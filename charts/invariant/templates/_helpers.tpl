@@ -25,8 +25,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "invariant.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-redis://{{ include "invariant.fullname" . }}-redis:6379/0
+redis://:$(REDIS_PASSWORD)@{{ include "invariant.fullname" . }}-redis:6379/0
 {{- else -}}
 {{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "invariant.cacheSecret" -}}
+{{- .Values.cache.existingSecret | default (printf "%s-cache" (include "invariant.fullname" .)) -}}
 {{- end -}}
