@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from invariant.gateway.auth import Tenant
-from invariant.gateway.config import ModelPolicy, cache_namespace
+from invariant.gateway.config import ModelPolicy, cache_namespace, cache_salt
 from invariant.gateway.keys import Resolved, key_for_choice, store_allowed
 from invariant.gateway.upstream import Endpoint
 
@@ -51,6 +51,12 @@ class Call:
     @property
     def namespace(self) -> str:
         return cache_namespace(self.policy, self.tenant)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """vLLM's per-request ``cache_salt`` for this call: per tenant unless the model shares its cache
+        (a prefix-cache hit shows in the time to first token: another tenant's prompts would leak)."""
+        return cache_salt(self.policy, self.tenant)
 
     @property
     def store_allowed(self) -> bool:

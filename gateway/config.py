@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from invariant.contract import cache as cache_policy
@@ -33,6 +34,14 @@ class GatewayConfig:
     check_interval: float = 5.0
     discover: str | None = None  # "kubernetes": routes from DeterministicModel status
     verify_sample: float = 0.0  # share of hits replayed in the background and compared bit for bit
+
+
+def cache_salt(policy: ModelPolicy, tenant: Tenant) -> str | None:
+    """The engine-side twin of ``cache_namespace``: vLLM keeps prefix-cache blocks of different salts
+    apart. None for a shared model (one cache for all, by the operator's choice)."""
+    if policy.sharing == cache_policy.SHARING_SHARED:
+        return None
+    return "inv-tenant-" + hashlib.sha256(tenant.name.encode()).hexdigest()[:32]
 
 
 def cache_namespace(policy: ModelPolicy, tenant: Tenant) -> str:

@@ -26,6 +26,7 @@ KEY_SCHEMA = 1
 # Fields that cannot change the tokens: transport, bookkeeping and per-request identities.
 NON_OUTPUT_FIELDS = frozenset({
     "stream", "stream_options", "user", "request_id", "metadata", "store", "service_tier", "priority",
+    "cache_salt",  # the gateway sets it per tenant (gateway/config.cache_salt); it changes no bits
 })
 # Consumed by the gateway itself.
 GATEWAY_FIELDS = frozenset({"n", "max_tokens", "max_completion_tokens"})

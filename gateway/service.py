@@ -71,10 +71,14 @@ class Gateway:
         self._background: set[asyncio.Task] = set()
 
     # --- generation -----------------------------------------------------------------------------
-    def upstream_body(self, resolved: Resolved, body: dict[str, Any], choice: int) -> dict[str, Any]:
+    def upstream_body(self, resolved: Resolved, body: dict[str, Any], choice: int,
+                      cache_salt: str | None = None) -> dict[str, Any]:
         """The request one choice is generated with: n=1, seed + choice, token ids and per-token
-        logprobs on (they only report; the tokens do not change)."""
-        up = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        logprobs on (they only report; the tokens do not change); ``cache_salt`` separates vLLM's
+        prefix cache per tenant (it changes no bits: a prefix hit reuses the same numbers)."""
+        up = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n", "cache_salt")}
+        if cache_salt is not None:
+            up["cache_salt"] = cache_salt
         up["n"] = 1
         if resolved.seed is not None and not resolved.greedy:
             up["seed"] = resolved.seed + choice
@@ -90,7 +94,8 @@ class Gateway:
         resolved = call.resolved
         started = time.perf_counter()
         try:
-            data = await self.upstreams.post(ep, PATHS[resolved.kind], self.upstream_body(resolved, call.body, choice),
+            data = await self.upstreams.post(ep, PATHS[resolved.kind],
+                                             self.upstream_body(resolved, call.body, choice, call.cache_salt),
                                              expected=call.fingerprint)
         except (UpstreamError, UpstreamRejected):
             self.metrics.upstream_calls.labels(resolved.model, "error").inc()
@@ -123,7 +128,7 @@ class Gateway:
         with ``publish``, into that entry's Redis Stream for followers on other replicas)."""
         resolved, candidates = call.resolved, call.candidates
         fingerprint = call.fingerprint
-        up = {**self.upstream_body(resolved, call.body, 0), "stream_options": {"include_usage": True}}
+        up = {**self.upstream_body(resolved, call.body, 0, call.cache_salt), "stream_options": {"include_usage": True}}
         ttl = self.config.lock_ttl_ms
         last: UpstreamError | None = None
         for ep in [c for c in candidates if c.fingerprint == fingerprint]:
@@ -301,8 +306,8 @@ class Gateway:
             return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
         if not self.limiter.allow(tenant):
             return openai_error(429, "Rate limit reached for this API key.", "rate_limit_error", "rate_limit_exceeded")
-        raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
+        raw = await read_body(request, self.config.max_body_bytes)
+        if raw is None:
             return openai_error(413, f"Request body exceeds {self.config.max_body_bytes} bytes.",
                                 "invalid_request_error", "request_too_large")
         hot_key = (kind, tenant.name, request.headers.get("cache-control"), hashlib.sha256(raw).digest())
@@ -514,6 +519,21 @@ class Gateway:
             results.append(result)
         return {"fingerprint": call.fingerprint, "results": results,
                 "match": all(r.get("token_ids_match") and r.get("logprobs_match") for r in results if r["stored"])}
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it is known to exceed ``limit``: from its Content-Length before any of
+    it is read, else as soon as the chunks read pass the limit (never buffered whole first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -278,3 +278,66 @@ def test_ready_while_one_model_has_no_worker(fake, redis_server, tmp_path):
     finally:
         gw.stop()
 
+
+
+# --- 8. denial of service: a body is refused from its size, not after buffering it ------------------
+
+def test_an_announced_huge_body_is_refused_before_it_is_sent(gateway):
+    """Content-Length of 1 GiB with only a few bytes sent: the gateway answers 413 at once, where
+    it used to wait for (and buffer) the whole body."""
+    import socket
+
+    host, port = "127.0.0.1", int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1073741824\r\n\r\n{\"model\":")
+        sock.settimeout(5)
+        reply = b""
+        while b'"}}' not in reply:  # the end of the error's JSON
+            part = sock.recv(4096)
+            if not part:
+                break
+            reply += part
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b'"request_too_large"' in reply
+
+
+def test_a_chunked_body_past_the_limit_is_refused(gateway):
+    def chunks():
+        yield b'{"model":"m","prompt":"'
+        for _ in range(40):
+            yield b"x" * 65536  # 2.5 MiB in all, past the 1 MiB default; no Content-Length
+        yield b'"}'
+
+    resp = httpx.post(f"{gateway.url}/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                      timeout=30)
+    assert assert_openai_error(resp, 413)["code"] == "request_too_large"
+
+
+# --- tenants are kept apart in the engine's prefix cache too ---------------------------------------
+
+def test_each_tenant_gets_its_own_cache_salt_and_a_shared_model_none(fake, redis_server, tmp_path):
+    from invariant.gateway.auth import hash_key
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({hash_key("key-a"): {"tenant": "a"}, hash_key("key-b"): {"tenant": "b"}}))
+    config = tmp_path / "gw.json"
+    config.write_text(json.dumps({"models": {"open": {"urls": [fake.url], "sharing": "shared"}}}))
+    gw = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, "--api-keys", str(keys), "--config", str(config),
+                 env=FAST)
+    try:
+        salts = {}
+        for who in ("a", "b", "a"):
+            for model in ("m", "open"):
+                body = {"model": model, "prompt": f"salted {who} {len(salts)}", "temperature": 0, "max_tokens": 2,
+                        "cache_salt": "client-chosen"}
+                resp = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=30,
+                                  headers={"Authorization": f"Bearer key-{who}"})
+                assert resp.status_code == 200, resp.text
+                salts.setdefault((who, model), set()).add(fake.behaviour.bodies[-1].get("cache_salt"))
+        assert len(salts[("a", "m")]) == 1 and salts[("a", "m")] != salts[("b", "m")]
+        assert None not in salts[("a", "m")] | salts[("b", "m")]
+        assert salts[("a", "open")] == salts[("b", "open")] == {None}  # shared: one cache, by choice
+        assert "key-a" not in str(salts) and "client-chosen" not in str(salts)
+    finally:
+        gw.stop()

@@ -404,6 +404,36 @@ def test_auth_and_tenant_isolation(worker_pair, redis_server, tmp_path):
         gw.stop()
 
 
+def prefix_cache_hits(worker) -> float:
+    text = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M))
+
+
+def test_tenants_share_no_prefix_cache_blocks(worker_pair, redis_server, tmp_path):
+    """Issue 14: vLLM's prefix cache was shared across tenants (a hit shows in the time to first
+    token). Each tenant's requests now carry their own cache_salt; control: the same tenant's next
+    request with the same prompt does hit its own blocks."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({hash_key("key-a"): {"tenant": "a"}, hash_key("key-b"): {"tenant": "b"}}))
+    worker = worker_pair[0]
+    gw = Gateway([worker], redis_server.url, tmp_path, "--api-keys", str(keys))
+    prompt = " ".join(f"w{i % 97}" for i in range(300))  # several KV blocks, within the 1024-token model length
+    try:
+        def ask(who: str, **extra) -> None:
+            resp = post(gw, headers={"Authorization": f"Bearer key-{who}"}, model=worker.name, prompt=prompt,
+                        max_tokens=2, temperature=0, **extra)
+            assert resp.status_code == 200 and resp.headers["x-invariant-cache"] == "MISS", resp.text
+
+        ask("a")
+        before = prefix_cache_hits(worker)
+        ask("b")
+        assert prefix_cache_hits(worker) == before, "tenant b's prefill reused tenant a's cached blocks"
+        ask("a", stop=["never-said"])  # another entry, the same prompt, tenant a again
+        assert prefix_cache_hits(worker) > before, "control: a tenant's own blocks were not reused"
+    finally:
+        gw.stop()
+
+
 def test_background_reverification_of_hits(worker_pair, redis_server, tmp_path):
     gw = Gateway(worker_pair, redis_server.url, tmp_path, env={"INVARIANT_GATEWAY_VERIFY_SAMPLE": "1.0"})
     name = worker_pair[0].name
