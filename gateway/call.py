@@ -68,7 +68,10 @@ class Call:
 
     @property
     def want_logprobs(self) -> bool:
-        return bool(self.body.get("logprobs"))
+        """As vLLM reads it: completions' ``logprobs: 0`` asks for the sampled tokens' logprobs
+        (no alternatives); only an absent, null or false ``logprobs`` asks for none."""
+        value = self.body.get("logprobs")
+        return value is not None and value is not False
 
     @property
     def want_token_ids(self) -> bool:

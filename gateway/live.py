@@ -86,6 +86,7 @@ async def render(live: Live, *, request_id: str, model: str, created: int, want_
     if live.kind == "chat":
         yield render_role_chunk(request_id=request_id, model=model, created=created, fingerprint=live.fingerprint)
     sent = sent_chars = 0
+    sent_ids: list[int] = []  # what this client has been sent (a replica taking over must agree)
     prefix: Record | None = None
     while True:
         waiter = asyncio.ensure_future(live.changed())
@@ -98,6 +99,7 @@ async def render(live: Live, *, request_id: str, model: str, created: int, want_
                                         created=created, fingerprint=live.fingerprint,
                                         want_logprobs=want_logprobs, want_token_ids=want_token_ids)
                 sent_chars += len(live.progress.deltas[sent])
+                sent_ids.append(live.progress.token_ids[sent])
                 sent += 1
             if max_tokens is not None and sent == max_tokens and not (
                     live.record is not None and len(live.record.token_ids) <= max_tokens):
@@ -136,6 +138,12 @@ async def render(live: Live, *, request_id: str, model: str, created: int, want_
                 for chunk in _failed(str(exc)):
                     yield chunk
                 return
+    if record.token_ids[:sent] != sent_ids:
+        # A replica that took over mid-stream (the first one died) gave other tokens than were sent:
+        # never splice two generations; the client gets the error instead.
+        for chunk in _failed("the replica that took over disagreed with the tokens already sent"):
+            yield chunk
+        return
     for chunk in render_stream_rest(live.kind, record, sent, request_id=request_id, model=model,
                                     created=created, want_logprobs=want_logprobs, want_token_ids=want_token_ids,
                                     include_usage=include_usage, sent_chars=sent_chars):
