@@ -132,6 +132,34 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
+# The fields the gateway itself reads, with the JSON types it accepts (vLLM checks the rest, and its
+# 400s are passed through, never stored).
+_BOOL_OR_NULL = ("stream", "return_token_ids", "ignore_eos", "echo")
+_OBJECT_OR_NULL = ("stream_options",)
+
+
+def _check_types(kind: str, body: Mapping[str, Any]) -> None:
+    for name in _BOOL_OR_NULL:
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise RequestError(f"'{name}' must be true or false")
+    for name in _OBJECT_OR_NULL:
+        if body.get(name) is not None and not isinstance(body[name], Mapping):
+            raise RequestError(f"'{name}' must be an object")
+    prompt = body.get("prompt")
+    if kind == "completions" and not isinstance(prompt, (str, list)):
+        raise RequestError("'prompt' must be a string or a list of token ids")
+    if kind == "chat" and isinstance(body.get("messages"), list) and not all(isinstance(m, Mapping) for m in body["messages"]):
+        raise RequestError("each of 'messages' must be an object")
+    logprobs = body.get("logprobs")
+    if kind == "completions" and logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                                           or not 0 <= logprobs <= 20):
+        raise RequestError("'logprobs' must be an integer from 0 to 20")
+    if kind == "chat" and logprobs is not None and not isinstance(logprobs, bool):
+        raise RequestError("'logprobs' must be true or false")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise RequestError("'tools' must be a list")
+
+
 def resolve(kind: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Resolved:
     """Resolve a request body into its keyed form. ``defaults`` are the worker's sampling defaults."""
     if kind not in ("completions", "chat"):
@@ -143,6 +171,7 @@ def resolve(kind: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | No
         raise RequestError("'model' is required")
     if kind == "completions" and "prompt" not in body:
         raise RequestError("'prompt' is required")
+    _check_types(kind, body)
     prompt = body.get("prompt")
     if kind == "completions" and isinstance(prompt, list) and prompt and not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):

@@ -341,3 +341,46 @@ def test_each_tenant_gets_its_own_cache_salt_and_a_shared_model_none(fake, redis
         assert "key-a" not in str(salts) and "client-chosen" not in str(salts)
     finally:
         gw.stop()
+
+
+# --- fuzzed bodies: never a 500, never a rejected request in Redis ---------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FIELDS = ["model", "prompt", "messages", "temperature", "top_p", "top_k", "seed", "n", "max_tokens", "stop",
+          "logprobs", "top_logprobs", "stream", "stream_options", "logit_bias", "echo", "min_p", "user",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "return_token_ids", "ignore_eos",
+          "max_completion_tokens", "cache_salt", "tools", "response_format"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=False),
+                    st.text(max_size=20), st.sampled_from(["m", "", "nope", 0, -1, 1, 2, 128, 129, 1e308]))
+VALUES = st.recursive(SCALARS, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=6), c,
+                                                                                          max_size=4)), max_leaves=12)
+BODIES = st.fixed_dictionaries({"model": st.sampled_from(["m", "m", "m", "other", 1])},
+                               optional={f: VALUES for f in FIELDS if f != "model"})
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(redis_server, tmp_path_factory):
+    worker = FakeWorker().start()
+    gw = Gateway([_W("m", worker.url)], redis_server.url, tmp_path_factory.mktemp("fuzz"), env=FAST)
+    yield gw
+    gw.stop()
+    worker.stop()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=BODIES, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/invariant/verify"]))
+def test_fuzzed_bodies_never_get_a_500_and_rejected_ones_store_nothing(fuzz_target, redis_server, body, path):
+    if path == "/invariant/verify":
+        body = {"request": body, "kind": "completions"}
+    before = redis_cli(redis_server, "DBSIZE")
+    resp = httpx.post(f"{fuzz_target.url}{path}", content=json.dumps(body), timeout=30,  # Infinity too
+                      headers={"content-type": "application/json"})
+    assert resp.status_code != 500 and resp.status_code < 600, resp.text[:300]
+    if resp.status_code >= 400:
+        if resp.headers.get("content-type", "").startswith("application/json"):
+            error = resp.json()["error"]
+            assert isinstance(error["message"], str) and error["message"]
+        if 400 <= resp.status_code < 500:
+            assert redis_cli(redis_server, "DBSIZE") == before, (resp.status_code, resp.text[:200])
