@@ -133,17 +133,20 @@ def test_a_worker_killed_mid_stream_hands_over_to_its_twin(worker, tiny_model, t
             async def scenario():
                 async with httpx.AsyncClient(timeout=300) as client:
                     async with client.stream("POST", f"{gw.url}/v1/completions", json=body) as resp:
-                        lines, killed = [], False
+                        lines, killed, gap = [], None, 0.0
                         async for line in resp.aiter_lines():
                             if not line:
                                 continue
                             lines.append(line)
-                            if not killed and len(lines) == 20:
+                            if killed is None and len(lines) == 20:
                                 doomed.proc.kill()  # SIGKILL: the worker dies mid-generation
-                                killed = True
-                        return resp.status_code, lines
+                                killed = time.monotonic()
+                            elif killed is not None and gap == 0.0:
+                                gap = time.monotonic() - killed  # the client's wait for the next token
+                        return resp.status_code, lines, gap
 
-            status, lines = asyncio.run(scenario())
+            status, lines, gap = asyncio.run(scenario())
+            print(f"worker SIGKILLed after 20 chunks: next token after {gap:.2f}s")
             assert status == 200
             events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
             assert lines[-1] == "data: [DONE]"
