@@ -16,7 +16,7 @@ from invariant.gateway.call import CallError
 from invariant.gateway.config import PATHS, GatewayConfig
 from invariant.gateway.errors import openai_error
 from invariant.gateway.keys import RequestError, parse_json
-from invariant.gateway.service import Gateway, read_body
+from invariant.gateway.service import Gateway
 from invariant.gateway.upstream import UpstreamError
 
 log = logging.getLogger("invariant.gateway")
@@ -85,15 +85,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post(routes.VERIFY)
     async def verify(request: Request) -> Response:
-        tenant = config.api_keys.tenant_for(request.headers.get("authorization"))
-        if tenant is None:
-            return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
-        if not gateway.limiter.allow(tenant):  # a replay is a generation: the tenant's rate applies
-            return openai_error(429, "Rate limit reached for this API key.", "rate_limit_error", "rate_limit_exceeded")
-        raw = await read_body(request, config.max_body_bytes)
-        if raw is None:
-            return openai_error(413, f"Request body exceeds {config.max_body_bytes} bytes.",
-                                "invalid_request_error", "request_too_large")
+        admitted = await gateway.admit(request)  # a replay is a generation: key, rate and size apply
+        if isinstance(admitted, Response):
+            return admitted
+        tenant, raw = admitted
         try:
             payload = parse_json(raw)
             if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import rfc8785
 
+from invariant.gateway.records import is_token_ids
+
 KEY_SCHEMA = 1
 
 # Fields that cannot change the tokens: transport, bookkeeping and per-request identities.
@@ -173,8 +175,7 @@ def resolve(kind: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | No
         raise RequestError("'prompt' is required")
     _check_types(kind, body)
     prompt = body.get("prompt")
-    if kind == "completions" and isinstance(prompt, list) and prompt and not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if kind == "completions" and isinstance(prompt, list) and not is_token_ids(prompt):
         # A list of prompts is a batch: each prompt is its own request (and its own entry).
         raise RequestError("'prompt' must be one prompt (a string or a list of token ids); send one request per prompt")
     check_json({k: v for k, v in body.items() if k != "seed"})

@@ -38,19 +38,28 @@ class Record:
 
     @classmethod
     def loads(cls, raw: bytes | str) -> "Record":
-        """Parse and check a stored record; ``RecordError`` when it is not one (nothing that fails
-        here is ever served)."""
+        """Bytes this replica wrote or already checked (its in-process copy)."""
+        return cls(**json.loads(raw))
+
+    @classmethod
+    def checked(cls, raw: bytes | str) -> "Record":
+        """Parse and check bytes from outside (Redis); ``RecordError`` when they are not a record
+        (nothing that fails here is ever served)."""
         try:
-            data = json.loads(raw)
-            rec = cls(**data)
+            rec = cls(**json.loads(raw))
         except (ValueError, TypeError) as exc:
             raise RecordError(f"not a record: {exc}") from None
-        ints = lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)  # noqa: E731
-        if not (ints(rec.token_ids) and isinstance(rec.pieces, list) and all(isinstance(p, str) for p in rec.pieces)
-                and rec.finish_reason in FINISHED and isinstance(rec.prompt_tokens, int)
-                and isinstance(rec.fingerprint, str) and isinstance(rec.extra, dict)):
+        if not (is_token_ids(rec.token_ids) and isinstance(rec.pieces, list)
+                and all(isinstance(p, str) for p in rec.pieces) and rec.finish_reason in FINISHED
+                and isinstance(rec.prompt_tokens, int) and isinstance(rec.fingerprint, str)
+                and isinstance(rec.extra, dict)):
             raise RecordError("a record field has the wrong type or value")
         return rec
+
+
+def is_token_ids(value: Any) -> bool:
+    """A JSON list of integers (booleans are not token ids)."""
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 class RecordError(ValueError):
@@ -143,15 +152,14 @@ def record_from_choice(kind: str, choice: dict[str, Any], prompt_tokens: int, fi
     if finish not in FINISHED:
         raise RecordError(f"the worker's generation did not finish (finish_reason {finish!r}): not stored")
     ids = choice.get("token_ids")
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if not is_token_ids(ids):
         raise RecordError("the worker's answer has no list of integer token_ids")
-    text_field = choice.get("text") if kind == "completions" else (choice.get("message") or {}).get("content")
-    if text_field is not None and not isinstance(text_field, str):
+    text = choice.get("text") if kind == "completions" else (choice.get("message") or {}).get("content")
+    if text is not None and not isinstance(text, str):
         raise RecordError("the worker's answer text is not a string")
     ids = list(ids)
     pieces = pieces_from_completion(choice) if kind == "completions" else pieces_from_chat(choice)
     truncatable = len(pieces) == len(ids)
-    text = choice.get("text") if kind == "completions" else (choice.get("message") or {}).get("content")
     if deltas is not None and len(deltas) == len(ids) and "".join(deltas) == (text or ""):
         pieces = list(deltas)
     extra = {}

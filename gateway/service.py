@@ -300,7 +300,9 @@ class Gateway:
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
-    async def _handle(self, kind: str, request: Request) -> Response:
+    async def admit(self, request: Request) -> tuple[Tenant, bytes] | Response:
+        """Who asks and what they sent, or the refusal: the API key (401), the tenant's rate (429),
+        the body's size (413, read in bounded chunks). Every route that generates passes here."""
         tenant = self.config.api_keys.tenant_for(request.headers.get("authorization"))
         if tenant is None:
             return openai_error(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
@@ -310,6 +312,13 @@ class Gateway:
         if raw is None:
             return openai_error(413, f"Request body exceeds {self.config.max_body_bytes} bytes.",
                                 "invalid_request_error", "request_too_large")
+        return tenant, raw
+
+    async def _handle(self, kind: str, request: Request) -> Response:
+        admitted = await self.admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        tenant, raw = admitted
         hot_key = (kind, tenant.name, request.headers.get("cache-control"), hashlib.sha256(raw).digest())
         hot = self._hot_get(hot_key)
         if hot is not None:

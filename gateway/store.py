@@ -88,7 +88,7 @@ class Store:
             log.warning("entry %s in Redis is not sealed by this deployment's key: ignored (a MISS)", key)
             return None, None
         try:
-            return Record.loads(raw), raw
+            return Record.checked(raw), raw
         except RecordError as exc:
             self.metrics.rejected_entries.labels("record").inc()
             log.warning("entry %s in Redis is not a record (%s): ignored (a MISS)", key, exc)
