@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
 import time
 
 import httpx
@@ -18,17 +17,11 @@ import pytest
 from conftest import free_port
 from fake_worker import FakeWorker
 from invariant.gateway.entries import seal
-from test_gateway_service import Gateway, RedisServer
+from test_gateway_service import Gateway, redis_server  # noqa: F401 - fixture
+from test_gateway_service import redis_cli as service_redis_cli
 
 ENTRY_KEY = "test-entry-key-0123456789abcdef"
 FAST = {"INVARIANT_GATEWAY_CHECK_INTERVAL": "0.2", "INVARIANT_GATEWAY_ENTRY_KEY": ENTRY_KEY}
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer(free_port()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture()
@@ -52,8 +45,8 @@ def gateway(fake, redis_server, tmp_path):
 
 
 def redis_cli(server, *args: str) -> str:
-    return subprocess.run(["redis-cli", "-p", str(server.port), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """test_gateway_service's, without the trailing newline (values are compared and re-sealed here)."""
+    return service_redis_cli(server, *args).strip()
 
 
 def entries(server) -> list[str]:
