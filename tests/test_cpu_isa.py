@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from conftest import invariant_cli, start_worker, wait_ready, wait_verdict
+from conftest import hooked_env, invariant_cli, start_worker, wait_ready, wait_verdict
 from invariant.kernels.cpu import gemm, native
 from invariant.kernels.cpu import amx
 from invariant.worker import plugin, probe
@@ -176,8 +177,11 @@ def test_a_worker_serves_bf16_on_an_amx_cpu(tiny_model, tmp_path, extra):
         r = httpx.post(f"{w.url}/v1/completions", json={"model": w.name, "prompt": "hello", "max_tokens": 8,
                                                          "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
-        isa = httpx.get(f"{w.url}/invariant/fingerprint", timeout=10).json()["parts"]["kernels"]["attention_isa"]
-        assert isa == ("amx" if extra else "vec")
+        kernels = httpx.get(f"{w.url}/invariant/fingerprint", timeout=10).json()["parts"]["kernels"]
+        if extra:  # stock: vLLM's AMX attention, the kernel that needed the tile permission
+            assert kernels["attention_isa"] == "amx"
+        else:  # ours: invariant's attention kernel, no vLLM ISA to name
+            assert kernels["attention"] == "invariant-cpu-paged" and "attention_isa" not in kernels
     finally:
         w.stop()
 
@@ -232,12 +236,38 @@ def test_the_serving_worker_reports_the_kernels_its_fingerprint_names(worker):
 
 @pytest.mark.engine
 def test_a_worker_whose_plugin_did_not_load_refuses_to_become_ready(tiny_model, tmp_path):
-    """vLLM loads only the plugins VLLM_PLUGINS names: with ours left out, no model process runs our
-    kernels, and the worker must say so instead of serving stock bits under an invariant fingerprint."""
-    w = start_worker(tiny_model, tmp_path, env={"VLLM_PLUGINS": "someone_elses_plugin"})
+    """A model process without our plugin (here: vLLM skips its entry point, tests/hooks) runs stock
+    kernels; the kernel probe must say so instead of serving stock bits under an invariant fingerprint."""
+    w = start_worker(tiny_model, tmp_path, env=hooked_env(INVARIANT_TEST_HIDE_PLUGIN="1"))
     try:
         body = wait_verdict(w)
         assert body["ready"] is False
         assert "plugin is not loaded in the model process" in body["reasons"][0]
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-invariance",)], ids=["invariant", "stock"])
+@pytest.mark.parametrize("value", ["someone_elses_plugin", "", "other, invariant_cpux"])
+def test_vllm_plugins_that_leave_ours_out_is_a_one_line_error_before_the_engine(tiny_model, extra, value):
+    """VLLM_PLUGINS naming other plugins only: stock kernels under an invariant fingerprint, and on an
+    AMX CPU a SIGILL in either mode (the Xeon run of issue 12 died so): refused before any engine."""
+    res = invariant_cli("worker", "--model", str(tiny_model), *extra, env={"VLLM_PLUGINS": value})
+    assert res.returncode != 0, res.stderr
+    assert f"leaves out invariant's vLLM plugin ({plugin.ENTRY_POINT})" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_vllm_plugins_that_name_ours_is_accepted():
+    assert not plugin.left_out_by(None)
+    assert not plugin.left_out_by(plugin.ENTRY_POINT)
+    assert not plugin.left_out_by(f"someone_elses, {plugin.ENTRY_POINT}")
+    assert plugin.left_out_by("")
+    assert plugin.left_out_by(plugin.ENTRY_POINT + "x")
+
+
+def test_the_entry_point_name_is_the_one_pyproject_registers():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert plugin.ENTRY_POINT in project["entry-points"]["vllm.general_plugins"]

@@ -187,3 +187,55 @@ def test_packed_weights_follow_updates_and_inference_tensors(path):
         fresh = w.clone()
         for _ in range(5):
             assert torch.equal(gemm.linear(x, fresh, path=path), gemm.linear(x, w, path=path))
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_the_bits_do_not_depend_on_the_thread_count(path, restore_threads):
+    """Every kernel splits its work across threads by output element, never inside a sum: 1, 2, 5 and
+    16 threads (more than this machine may have) give the same bits. The Xeon of issue 12 serves with
+    12-16 threads, CI with 2; a thread-dependent order would show only on one of them."""
+    from invariant.kernels.cpu.attention import paged_attention, write_kv
+
+    g = torch.Generator().manual_seed(12)
+    x, w, b = torch.randn(37, 160, generator=g), torch.randn(200, 160, generator=g), torch.randn(200, generator=g)
+    rows, res, nw = torch.randn(37, 96, generator=g), torch.randn(37, 96, generator=g), torch.randn(96, generator=g)
+    block, kv_heads, heads, dim, n = 16, 2, 4, 32, 45
+    k, v = (torch.randn(n, kv_heads, dim, generator=g) for _ in range(2))
+    q = torch.randn(n, heads, dim, generator=g)
+    cache = torch.zeros(4, kv_heads, 2 * block, dim)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = torch.tensor([[3, 1, 2]], dtype=torch.int32)
+    write_kv(k, v, key_cache, value_cache, (table[0, torch.arange(n) // block].long() * block + torch.arange(n) % block))
+
+    def everything():
+        out = torch.empty_like(q)
+        paged_attention(q, key_cache, value_cache, table, torch.tensor([0, n], dtype=torch.int32),
+                        torch.tensor([n], dtype=torch.int32), dim ** -0.5, out)
+        return [gemm.linear(x, w, b, path=path), gemm.linear(x.to(torch.bfloat16), w.to(torch.bfloat16), path=path),
+                rowops.rms_norm(rows, nw, 1e-6), *rowops.fused_add_rms_norm(rows.clone(), res.clone(), nw, 1e-6),
+                rowops.log_softmax(rows), out]
+
+    torch.set_num_threads(1)
+    ref = everything()
+    for threads in (2, 5, 16):
+        torch.set_num_threads(threads)
+        for i, (got, want) in enumerate(zip(everything(), ref)):
+            assert torch.equal(got, want), f"output {i} differs at {threads} threads"
+
+
+def test_control_a_thread_split_sum_changes_with_the_thread_count(restore_threads):
+    """Control of the test above: torch's own full reduction cuts the sum into one part per thread,
+    so the thread count changes its bits - what the test above must be able to see."""
+    x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(5))
+    sums = set()
+    for threads in (1, 2, 5, 16):
+        torch.set_num_threads(threads)
+        sums.add(x.sum().item())
+    assert len(sums) > 1, "torch's sum gave one value at every thread count: the control proves nothing"

