@@ -81,6 +81,9 @@ def run_canary(kwargs: dict) -> dict:
     """The worker's canary, at this device's size, on an async engine like the worker's."""
     import asyncio
 
+    from invariant import companions
+
+    companions.hide_broken()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -120,6 +123,9 @@ def main() -> None:
         with open(out, "w") as fh:
             json.dump(run_canary(kwargs), fh)
         return
+    from invariant import companions
+
+    companions.hide_broken()
     from vllm import LLM, SamplingParams
 
     rng = random.Random(7)

@@ -130,6 +130,9 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
 def rope_cache(head_dim: int, max_position: int, rope_parameters: dict | None, dtype: torch.dtype) -> torch.Tensor:
     """The cos/sin cache vLLM's rotary embedding builds for this model, in the query's dtype
     (vLLM's ``get_rope`` and ``_match_cos_sin_cache_dtype``)."""
+    from invariant import companions
+
+    companions.hide_broken()  # vLLM's config loads transformers: see invariant.companions
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 

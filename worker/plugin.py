@@ -279,6 +279,9 @@ def register() -> None:
     mode = os.environ.get(ENV, "")
     if mode == "":
         return
+    from invariant import companions
+
+    companions.hide_broken()  # every vLLM process of a worker: see invariant.companions
     if mode not in ("cpu", "off", "cuda"):
         raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu', 'cuda' or 'off'")
     if mode == "cuda":

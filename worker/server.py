@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 import signal
 import time
 import uuid
@@ -282,6 +283,12 @@ async def serve(argv: list[str], state: WorkerState) -> None:
 
 def run(options: WorkerOptions) -> None:
     """Entry point of ``invariant worker``: validate (fast), then serve until stopped."""
+    from invariant import companions
+
+    if companions.hide_broken():  # before vLLM and transformers load: see invariant.companions
+        # vLLM's spawned engine processes import transformers before our plugin runs there
+        startup = str(Path(__file__).resolve().parent / "startup")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (startup, os.environ.get("PYTHONPATH")) if p)
     argv, state = prepare(options)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
     print(f"invariant worker: fingerprint {state.fingerprint}", flush=True)

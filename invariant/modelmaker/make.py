@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from invariant import companions
+
 ARCHS = ("qwen3", "llama")
 SIZES = ("tiny", "small", "medium")
 DTYPES = ("bfloat16", "float32")
@@ -85,6 +87,7 @@ def corpus_text() -> list[str]:
 def train_tokenizer():
     """Train a byte-level BPE tokenizer on the shipped corpus (deterministic, < 1 s)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    companions.hide_broken()  # before transformers: see invariant.companions
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -105,6 +108,7 @@ def train_tokenizer():
 
 
 def _config(spec: ModelSpec, vocab_size: int):
+    companions.hide_broken()
     from transformers import LlamaConfig, Qwen3Config
 
     hidden, inter, layers, heads, kv_heads, head_dim = _SHAPES[spec.size]
