@@ -83,12 +83,15 @@ def test_full_precision_sees_what_bf16_rounding_hides():
     assert hidden >= 70, f"bf16 rounding hid only {80 - hidden} of 80 differences"
 
 
-def test_our_row_kernels_pass_and_torch_logsoftmax_in_batches_fails():
+def test_our_row_kernels_pass_and_a_batch_dependent_logsoftmax_fails():
     vocab, sizes = 1000, kc.batch_sizes(300)
     case = lambda run: kc.Case("log_softmax", "test", f"vocab={vocab}", vocab, 300, run,  # noqa: E731
                                torch.float32, torch.device("cpu"), scale=4.0)
     assert kc.check(case(lambda x: [("float32", rowops.log_softmax(x))]), sizes) is None
-    variant = lambda x: [("float32", rowops.log_softmax(x) if x.shape[0] == 1 else torch.log_softmax(x, -1))]  # noqa: E731
+    # the variant: ours for one row, another rounding (float64, then back) for a batch. torch's own
+    # log_softmax is no portable variant: row-invariant on the AVX2 EPYC (Zen 3), not on the Zen 4
+    variant = lambda x: [("float32", rowops.log_softmax(x) if x.shape[0] == 1  # noqa: E731
+                          else torch.log_softmax(x.double(), -1).float())]
     failure = kc.check(case(variant), sizes)
     assert failure is not None and failure.batch == 2, failure
     w = torch.rand(64, generator=torch.Generator().manual_seed(2)) + 0.5
