@@ -11,14 +11,7 @@ W=${1:-/tmp/work}; mkdir -p "$W"
 TRACKS=${TRACKS:-A B C}
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 VLLM_NO_USAGE_STATS=1
 PY=.venv/bin/python
-step() {  # step NAME SECONDS CMD...
-  local name=$1 limit=$2; shift 2
-  echo "$(date +%T) start $name" >>"$W/progress"
-  local t0=$SECONDS rc
-  timeout "$limit" "$@" >"$W/$name.log" 2>&1
-  rc=$?
-  echo "$(date +%T) end $name rc=$rc $((SECONDS - t0))s" >>"$W/progress"
-}
+. bench/session_step.sh  # step NAME SECONDS CMD...
 { lscpu; grep -m1 flags /proc/cpuinfo; nproc; } >"$W/cpu.txt" 2>&1
 track_a() {
   export VLLM_CPU_OMP_THREADS_BIND=${A_CORES:-4-15}

@@ -12,15 +12,7 @@ PYTEST_K_WORKER=${PYTEST_K_WORKER:-$PYTEST_K}
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/work}; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
-step() {  # step NAME SECONDS CMD...
-  local name=$1 limit=$2; shift 2
-  case " $STEPS " in *" $name "*) ;; *) return ;; esac
-  echo "$(date +%T) start $name" >>"$W/progress"
-  local t0=$SECONDS rc
-  timeout "$limit" "$@" >"$W/$name.log" 2>&1
-  rc=$?  # the step's own status (a $? inside the echo would read date's)
-  echo "$(date +%T) end $name rc=$rc $((SECONDS - t0))s" >>"$W/progress"
-}
+. bench/session_step.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$W/gpu.txt"
 step make 120 python3 -m invariant.cli model make --size medium --quiet "$W/medium"
 export INVARIANT_GPU_MODEL=$W/medium

@@ -30,9 +30,12 @@ def _site(tmp_path: Path, body: str) -> Path:
     return site
 
 
+def _pythonpath(site: Path) -> str:
+    return os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)  # no "" (the cwd)
+
+
 def _run(site: Path, code: str) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)  # no "" (the cwd)
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(site), "PYTHONSAFEPATH": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -72,7 +75,7 @@ def test_a_worker_serves_beside_a_broken_torchvision(tiny_model, tmp_path, guard
     folder, in vLLM's spawned engine processes (which load transformers before any code of ours);
     it becomes ready and serves. The control (INVARIANT_HIDE_BROKEN=0) dies as a plain install did."""
     site = _site(tmp_path, BROKEN)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {"PYTHONPATH": _pythonpath(site)}
     if guard == "off":
         env[companions.ENV] = "0"
     w = start_worker(tiny_model, tmp_path, env=env)

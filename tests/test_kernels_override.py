@@ -9,12 +9,10 @@ in CI it is tiny and runs through Triton's interpreter on the CPU.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from triton_cpu import DEVICE, ON_GPU  # noqa: I001 - sets TRITON_INTERPRET before triton loads
+from triton_cpu import DEVICE, ON_GPU, interpreter_blas  # noqa: I001 - sets TRITON_INTERPRET before triton loads
 
 from invariant.kernels.gpu import enable, enabled  # noqa: E402
 
@@ -70,14 +68,7 @@ def differing_batch_sizes(model, vocab: int) -> list[int]:
     return differ
 
 
-_AVX512 = "avx512f" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "avx512f")
-
-
-@pytest.mark.xfail(DEVICE == "cpu" and not _AVX512, strict=False,
-                   reason="open (2026-12-02): on the AVX2-only AMD EPYC (Zen 3) the interpreted run differs at "
-                          "batch 3 and 8, on the landed code too; cause not found yet (a lead: the Triton "
-                          "interpreter's tl.dot runs on numpy's BLAS, whose kernels follow the CPU). It passed "
-                          "on the AVX-512 CPUs; the GPU runs of the kernels are tests/test_gpu_*")
+@interpreter_blas
 def test_enable_makes_generation_batch_invariant(model):
     net, vocab = model
     with enable(DEVICE):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triton_cpu import DEVICE, ON_GPU  # noqa: I001 - sets TRITON_INTERPRET before triton loads
+from triton_cpu import DEVICE, ON_GPU, interpreter_blas  # noqa: I001 - sets TRITON_INTERPRET before triton loads
 
 from invariant.kernels.gpu import attention, configs, matmul, rowops  # noqa: E402
 
@@ -30,12 +28,6 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-_AVX2_ONLY = "avx512f" not in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "avx512f")
-interpreter_blas = pytest.mark.xfail(
-    _AVX2_ONLY, strict=False,
-    reason="open (2026-12-02): on the AVX2-only AMD EPYC (Zen 3) the interpreted matmul's rows differ with the batch, "
-           "on the landed code too; a lead: the Triton interpreter's tl.dot runs on numpy's BLAS, whose kernels "
-           "follow the CPU. Passes on the AVX-512 CPUs; the compiled kernels are tested on the GPU (tests/test_gpu_*)")
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

