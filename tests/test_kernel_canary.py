@@ -28,6 +28,51 @@ def test_batch_sizes_are_dense_to_64_then_reach_the_budget():
         kc.batch_sizes(0)
 
 
+def test_a_cuda_gemm_is_checked_at_every_m_to_2048_then_every_64th_and_one_more():
+    sizes = kc.gpu_gemm_sizes(8192)
+    assert sizes[:2048] == list(range(1, 2049))
+    assert sizes[2048:2052] == [2112, 2113, 2176, 2177] and sizes[-2:] == [8129, 8192]
+    assert len(sizes) == 2048 + 2 * 96 - 1  # 8193 is past the budget
+    assert kc.gpu_gemm_sizes(100) == list(range(1, 101))
+    assert kc.batch_sizes(300, 128, 64) == list(range(1, 129)) + [192, 193, 256, 257, 300]
+    with pytest.raises(ValueError):
+        kc.batch_sizes(300, 128, 0)
+
+
+def test_dense_sizes_catch_a_gemm_that_varies_at_one_scattered_m_and_the_ladder_does_not():
+    """What a vendor heuristic does (cuBLAS's default: variant at scattered M values, issue 16): a
+    GEMM whose order changes at M = 1000 alone. The CPU ladder never tries 1000; the dense sizes a
+    CUDA GEMM gets do, and name it."""
+    def scattered(x):
+        y = gemm.linear(x, WEIGHT, out_dtype=torch.float32)
+        if x.shape[0] == 1000:
+            y = torch.nn.functional.linear(x.float(), WEIGHT.float())
+        return [("fp32 sums", y)]
+
+    assert kc.check(_gemm_case(scattered, max_rows=1024)) is None  # the ladder: 1..64, 128, 129, ..., 1024
+    dense = kc.check(_gemm_case(scattered, max_rows=1024), kc.gpu_gemm_sizes(1024))
+    assert dense is not None and dense.batch == 1000, dense
+    assert kc.check(_gemm_case(lambda x: [("fp32 sums", gemm.linear(x, WEIGHT, out_dtype=torch.float32))],
+                               max_rows=1024), kc.gpu_gemm_sizes(1024)) is None
+
+
+def test_the_check_leaves_the_rows_it_was_given_for_the_next_size_untouched():
+    """The probes are written into one pool of random rows and taken out again: at every size the
+    other rows are the pool's own, never an earlier size's probes (a kernel that sums its batch sees it)."""
+    seen = []
+
+    def record(x):
+        seen.append(x.float().clone())
+        return [("fp32", x.float())]
+
+    case = kc.Case("gemm", "t", "K=8 N=8", 8, 10, record, torch.float32, torch.device("cpu"))
+    assert kc.check(case, [4, 10]) is None
+    probes = torch.cat(seen[:3])
+    four, ten = seen[3], seen[4]
+    assert torch.equal(four[[0, 2, 3]], probes) and torch.equal(ten[[0, 5, 9]], probes)
+    assert torch.equal(four[1], ten[1]) and not torch.equal(ten[2], probes[1])
+
+
 def test_probe_rows_sit_at_the_start_middle_and_end():
     assert kc.positions(1) == [0]
     assert kc.positions(2) == [0, 1]
@@ -159,3 +204,35 @@ def test_the_healthy_worker_passes_both_canaries_and_says_what_it_checked(worker
     cases = body["canary"]["cases"]
     assert set(cases) == {"greedy", "seeded", "long split-prefill"}
     assert all(c["ok"] and c["tokens"] == 32 for c in cases.values()), cases
+
+
+# --- on the device: the GEMM the CUDA worker runs, and cuBLAS's default as the control ----------------
+QWEN3_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096),
+            "lm_head": (4096, 151936)}
+
+
+def _gemm_canary(mode: str, budget: int, names: list[str]) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shapes = [f"{n}={QWEN3_8B[n][0]},{QWEN3_8B[n][1]}" for n in names]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("gemm_canary_run.py")), mode, str(budget),
+                           *shapes], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")
+def test_the_gemm_canary_fails_cublas_default_and_passes_the_gemms_the_cuda_worker_runs():
+    """Issue 16: cuBLAS's default GEMM was batch-variant at 34 of 528 M values on ``o`` and 179 on
+    ``down``; upstream's invariant mode (cuBLASLt without split-K on Hopper) and ours were invariant
+    wherever tried. The worker's check, at the sizes it uses, must reject the first and pass the others."""
+    control = _gemm_canary("cublas", 2048, ["o", "down"])
+    assert any(r["failure"] for r in control["shapes"].values()), control
+    for mode in ("vllm", "ours"):
+        res = _gemm_canary(mode, 2048, list(QWEN3_8B))
+        assert all(r["failure"] is None for r in res["shapes"].values()), res
+        print(mode, {n: r["seconds"] for n, r in res["shapes"].items()})

@@ -184,6 +184,12 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
     assert config["enforce_eager"] is False and config["batch_invariant"] == "vllm+invariant-rmsnorm"
     assert config["attention"] == "TRITON_ATTN" and config["sampler"] == "triton-topk-topp"
     assert config["invariant_kernels"]["arch"] == "sm90"
+    # the GEMM named as the bits see it: cuBLASLt (with its build) on Hopper, Triton on Ampere or ours
+    assert config["gemm_library"]["library"] == "cublaslt-no-splitk" and "cublas" in config["gemm_library"]
+    ampere = kernel_config(cuda=True, invariance=True, gpu_arch="sm80")
+    assert ampere["gemm_library"] == {"library": "vllm-triton-persistent"} and ampere != config
+    ours = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", gemm="invariant")
+    assert ours["gemm"] == "invariant" and ours["gemm_library"] == {"library": "invariant-triton"}
     assert config["compiled_for"] == {"max_num_batched_tokens": "default", "max_num_seqs": "default"}
     assert config["inductor"]["deterministic"] is True and config["inductor"]["benchmark_combo_kernel"] is False
     budget = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", engine_args=("--max-num-batched-tokens=48",))

@@ -20,8 +20,16 @@ Batch sizes (:func:`batch_sizes`): every size from 1 to 64 (every remainder of e
 row count is caught, because the budget is checked; what goes unchecked is a change confined to a
 band of sizes above 64 that none of those points falls in. The sizes are a sample because each is
 a GEMM per weight shape: on the small CPU model this set costs about as much as the end-to-end
-canary (docs/results/canary_cost_*.md). The check is pure arithmetic on
-the model's tensors: no request, no KV cache, no effect on what the engine later serves.
+canary (docs/results/canary_cost_*.md).
+
+A CUDA GEMM is checked densely (:data:`GPU_GEMM_DENSE_UP_TO`, then every multiple of
+:data:`GPU_GEMM_STEP` and one more): upstream's invariant mode on Hopper is cuBLASLt with its
+workspace shrunk so that it cannot choose a split-K, which holds only as long as cuBLAS's heuristics
+pick no other reduction order for some M; cuBLAS's default was batch-variant at 34 of 528 M values on
+one Qwen3-8B shape and 179 on another (issue 16), scattered, not at tile boundaries. The rows are drawn
+once on the kernel's own device (a pool the probes are written into and taken out of again), so a
+size costs one kernel call. The check is pure arithmetic on the model's tensors: no request, no KV
+cache, no effect on what the engine later serves.
 """
 
 from __future__ import annotations
@@ -36,19 +44,32 @@ SEED = 20261202
 PROBE_ROWS = 3
 # Where the sizes stop being dense: every row count up to here is checked.
 DENSE_UP_TO = 64
+# A CUDA GEMM (a vendor library's heuristics behind it): every M up to here, then every multiple of
+# the step and one more, and the budget.
+GPU_GEMM_DENSE_UP_TO = 2048
+GPU_GEMM_STEP = 64
 
 
-def batch_sizes(budget: int) -> list[int]:
-    """The row counts checked for a kernel whose batch can reach ``budget`` rows (see the module)."""
+def batch_sizes(budget: int, dense_up_to: int = DENSE_UP_TO, step: int | None = None) -> list[int]:
+    """The row counts checked for a kernel whose batch can reach ``budget`` rows (see the module):
+    every count up to ``dense_up_to``, then each power of two and one more (``step`` None) or each
+    multiple of ``step`` and one more, and the budget."""
     if budget < 1:
         raise ValueError(f"batch_sizes: budget {budget} < 1")
-    sizes = set(range(1, min(budget, DENSE_UP_TO) + 1))
-    p = DENSE_UP_TO * 2
+    if dense_up_to < 1 or (step is not None and step < 1):
+        raise ValueError(f"batch_sizes: dense_up_to {dense_up_to} and step {step} must be >= 1")
+    sizes = set(range(1, min(budget, dense_up_to) + 1))
+    p = dense_up_to * 2 if step is None else (dense_up_to // step + 1) * step
     while p <= budget:
         sizes |= {p, p + 1}
-        p *= 2
+        p = p * 2 if step is None else p + step
     sizes.add(budget)
     return sorted(s for s in sizes if 1 <= s <= budget)
+
+
+def gpu_gemm_sizes(budget: int) -> list[int]:
+    """The row counts a CUDA GEMM is checked at (dense, see the module)."""
+    return batch_sizes(budget, GPU_GEMM_DENSE_UP_TO, GPU_GEMM_STEP)
 
 
 def positions(rows: int) -> list[int]:
@@ -102,24 +123,30 @@ class Case:
     dtype: Any
     device: Any
     scale: float = 1.0
+    sizes: list[int] | None = None  # None: the ladder up to max_rows
 
 
 def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
-    """The probe rows alone, then amid fixed random rows at every size (by default the ladder up
-    to the case's own row limit); the first difference."""
+    """The probe rows alone, then amid fixed random rows at every size (``sizes``, else the case's
+    own, else the ladder up to its row limit); the first difference."""
     import torch
 
-    sizes = batch_sizes(case.max_rows) if sizes is None else sizes
+    sizes = sizes if sizes is not None else case.sizes if case.sizes is not None else batch_sizes(case.max_rows)
+    sizes = [m for m in sizes if m <= case.max_rows]
+    if not sizes:
+        return None
 
-    gen = torch.Generator(device="cpu").manual_seed(SEED)
-    make = lambda n: (torch.randn(n, case.width, generator=gen) * case.scale).to(case.dtype).to(case.device)  # noqa: E731
-    probes = make(PROBE_ROWS)
+    # Drawn once, on the kernel's device: at every size the batch is the pool's first m rows with
+    # the probes written in (and the pool's own rows put back after).
+    gen = torch.Generator(device=case.device).manual_seed(SEED)
+    pool = (torch.randn(PROBE_ROWS + max(sizes), case.width, generator=gen, device=case.device)
+            * case.scale).to(case.dtype)
+    probes, pool = pool[:PROBE_ROWS].clone(), pool[PROBE_ROWS:]
     alone = [case.run(probes[i:i + 1]) for i in range(PROBE_ROWS)]
     for m in sizes:
-        if m > case.max_rows:
-            break
-        batch = make(m)
+        batch = pool[:m]
         where = positions(m)
+        kept = batch[where].clone()
         for i, pos in enumerate(where):
             batch[pos] = probes[i]
         outs = case.run(batch)
@@ -128,6 +155,7 @@ def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
                 d = differing(got[pos:pos + 1], want)
                 if d:
                     return Failure(case.kernel, case.name, case.shape, precision, m, pos, d, int(want.numel()))
+        batch[where] = kept  # after the comparison: an output may be a view of its input
     return None
 
 
@@ -165,7 +193,7 @@ def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
             return outs
 
         cases.append(Case("gemm", name, f"K={k} N={n_out}", k, budget, run, weight.dtype, weight.device,
-                          scale=1.0))
+                          scale=1.0, sizes=None if cpu else gpu_gemm_sizes(budget)))
     return cases
 
 
@@ -254,11 +282,14 @@ def run_all(model, *, budget: int, vocab: int, hidden: int, cpu: bool) -> dict[s
                                  "message": f"{case.kernel} ({case.name}, {case.shape}) raised: {exc}"})
                 continue
             checked.append({"kernel": case.kernel, "name": case.name, "shape": case.shape,
+                            "sizes": len(case.sizes or batch_sizes(case.max_rows)),
                             "seconds": round(time.perf_counter() - t0, 3)})
             if failure is not None:
                 failures.append({**asdict(failure), "message": failure.message()})
+    gemm_sizes = [c["sizes"] for c in checked if c["kernel"] == "gemm"]
     return {"pid": os.getpid(), "ok": not failures, "failures": failures, "checked": checked,
-            "sizes": len(batch_sizes(budget)), "budget": budget, "seconds": round(time.perf_counter() - start, 3)}
+            "sizes": len(batch_sizes(budget)), "gemm_sizes": max(gemm_sizes, default=None), "budget": budget,
+            "seconds": round(time.perf_counter() - start, 3)}
 
 
 def in_model_process(worker: Any) -> dict[str, Any]:
@@ -298,7 +329,10 @@ def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
         return {"ok": False, "message": f"kernel canary failed: {head}{more}", "failures": failures,
                 "seconds": seconds}
     slowest = sorted((c for r in results for c in r.get("checked", [])), key=lambda c: -c.get("seconds", 0))[:3]
+    first = results[0]
+    dense = (f" ({first['gemm_sizes']} for each GEMM)"
+             if first.get("gemm_sizes") and first["gemm_sizes"] != first.get("sizes") else "")
     return {"ok": True, "failures": [], "seconds": seconds, "cases": checked,
             "slowest": [f"{c['kernel']} {c['name']} {c['shape']}: {c['seconds']} s" for c in slowest],
             "message": f"kernel canary passed: {checked} kernel cases, each row alone = amid "
-                       f"{results[0].get('sizes')} batch sizes up to {results[0].get('budget')} rows, bitwise"}
+                       f"{first.get('sizes')} batch sizes{dense} up to {first.get('budget')} rows, bitwise"}

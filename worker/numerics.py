@@ -33,6 +33,22 @@ GPU_INVARIANT_SAMPLER = "triton-topk-topp"
 CPU_INVARIANT_ATTENTION = "invariant-cpu-paged"
 
 
+def gpu_gemm_library(gemm: str, arch: str) -> dict[str, str]:
+    """Which code does the CUDA worker's GEMMs, as far as the bits go. Upstream's invariant mode
+    (``gemm`` "vllm") is not one kernel: on Ampere (sm8x) it installs its Triton persistent matmul,
+    on Hopper and later it keeps cuBLASLt with a 1-byte workspace (no split-K) and trusts cuBLAS's
+    heuristics to pick no other reduction order for another M, so the cuBLAS build is named too
+    (the kernel canary checks that trust at start-up: invariant.worker.kernel_canary)."""
+    if gemm == "invariant":
+        return {"library": "invariant-triton"}
+    if arch.startswith("sm8"):
+        return {"library": "vllm-triton-persistent"}
+    from invariant.worker.fingerprint import package_version
+
+    return {"library": "cublaslt-no-splitk",
+            "cublas": package_version("nvidia-cublas", "nvidia-cublas-cu13", "nvidia-cublas-cu12")}
+
+
 def inductor_patches() -> dict[str, bool]:
     """Inductor settings an invariant CUDA worker compiles with (as far as the installed torch has them).
 
@@ -74,7 +90,8 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         # their source, pinned constants and Triton version decide those bits.
         arch = gpu_arch or arch_of(torch.device("cuda"))
         return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER, "gemm": gemm, "invariant_kernels": identity(arch),
+                "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER, "gemm": gemm,
+                "gemm_library": gpu_gemm_library(gemm, arch), "invariant_kernels": identity(arch),
                 "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
     config: dict[str, Any] = {
         "backend": "cpu",
