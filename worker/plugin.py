@@ -223,6 +223,11 @@ def apply() -> None:
 
     CPUAttentionBackendImpl.forward = _attention_forward
     CPUAttentionBackendImpl.do_kv_cache_update = _attention_cache_update
+    from invariant.worker import tensor_parallel
+
+    parts = tensor_parallel.parts_from_env()
+    if parts:
+        tensor_parallel.apply(parts)  # TP-invariant row-parallel sums (worker/tensor_parallel.py)
 
 
 def invariant_rms_norm(input, weight, eps: float = 1e-6, residual=None):
