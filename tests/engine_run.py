@@ -127,7 +127,7 @@ def main() -> None:
             cores = sorted(os.sched_getaffinity(0))
             per = max(1, len(cores) // tp)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-                f"{cores[r * per]}-{cores[r * per + per - 1]}" for r in range(tp))
+                f"{cores[(r * per) % len(cores)]}-{cores[(r * per + per - 1) % len(cores)]}" for r in range(tp))
     if "--canary" in flags:
         with open(out, "w") as fh:
             json.dump(run_canary(kwargs), fh)
