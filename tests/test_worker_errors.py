@@ -63,9 +63,17 @@ def test_port_in_use(tiny_model):
     assert took < 30
 
 
-def test_tensor_parallel_needs_cuda(tiny_model):
-    res, _ = run_worker("--model", str(tiny_model), "--tensor-parallel-size", "2", "--port", str(free_port()))
-    assert_one_line_error(res, "--tensor-parallel-size > 1 needs CUDA GPUs; the CPU worker runs with 1")
+@pytest.mark.parametrize("flags,message", [
+    (("--tensor-parallel-size", "2", "--tp-invariant-parts", "3"),
+     "--tp-invariant-parts 3 is not a multiple of --tensor-parallel-size 2"),
+    (("--tp-invariant-parts", "-1"), "--tp-invariant-parts -1 must be 0 (off) or a positive multiple of the TP size"),
+    (("--tp-invariant-parts", "2", "--no-invariance"),
+     "--tp-invariant-parts applies to an invariant worker, not with --no-invariance"),
+    (("--tensor-parallel-size", "0"), "--tensor-parallel-size must be at least 1"),
+])
+def test_bad_tensor_parallel_options(tiny_model, flags, message):
+    res, _ = run_worker("--model", str(tiny_model), *flags, "--port", str(free_port()))
+    assert_one_line_error(res, message)
 
 
 def test_up_reports_port_in_use(tmp_path):

@@ -128,7 +128,7 @@ def collect_parts(
     *,
     model_dir: str | os.PathLike,
     dtype: str,
-    tensor_parallel_size: int,
+    tensor_parallel_size: int | str,
     invariance: bool,
     kernel_config: Mapping[str, Any],
     device: Mapping[str, Any] | None = None,

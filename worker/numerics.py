@@ -74,7 +74,8 @@ def model_head_dim(model_dir: str) -> int:
 
 
 def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm",
-                  engine_args: tuple[str, ...] = (), attention_isa: str | None = None) -> dict[str, Any]:
+                  engine_args: tuple[str, ...] = (), attention_isa: str | None = None,
+                  tp_invariant_parts: int = 0) -> dict[str, Any]:
     """What selects the kernels, and with them the bits: backend, compile mode, threads, and on
     CUDA the sizes the engine is compiled for (``engine_args.compile_shape``).
     ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
@@ -114,6 +115,10 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
 
         # Our kernels' machine code decides the bits: source digest, compiler and flags.
         config["cpu_kernels_build"] = native.build_identity()
+        if tp_invariant_parts:
+            # Row-parallel layers sum K in this many fixed parts (worker/tensor_parallel.py): other
+            # bits than the one reduction over K, the same at every TP size dividing it.
+            config["tp_invariant_parts"] = tp_invariant_parts
     return config
 
 

@@ -39,6 +39,9 @@ class WorkerOptions:
     # Whose GEMM an invariant CUDA worker runs: upstream's persistent Triton matmul, or ours
     # (invariant.kernels.gpu: fixed K chunks, a kernel per M). Part of the fingerprint.
     gpu_gemm: str = "vllm"
+    # TP-invariant numerics (CPU): each row-parallel layer's K in this many fixed parts at every TP
+    # size, so TP sizes dividing it serve the same bits under one fingerprint (worker/tensor_parallel.py).
+    tp_invariant_parts: int = 0
     # Pins declared by whoever deployed this worker (the operator); readiness is refused when what
     # the worker observes disagrees, so a mis-scheduled pod never serves under the wrong name.
     expect_gpu_product: str | None = None
@@ -98,8 +101,18 @@ def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> 
         raise WorkerConfigError(f"--max-model-len {options.max_model_len} is too small (at least 16)")
     if options.tensor_parallel_size < 1:
         raise WorkerConfigError("--tensor-parallel-size must be at least 1")
-    if not cuda and options.tensor_parallel_size != 1:
-        raise WorkerConfigError("--tensor-parallel-size > 1 needs CUDA GPUs; the CPU worker runs with 1")
+    parts = options.tp_invariant_parts
+    if parts < 0:
+        raise WorkerConfigError(f"--tp-invariant-parts {parts} must be 0 (off) or a positive multiple of the TP size")
+    if parts:
+        if cuda:
+            raise WorkerConfigError("--tp-invariant-parts is implemented for the CPU worker only (the CUDA worker "
+                                    "keeps vLLM's all-reduce: issue 17)")
+        if not options.invariance:
+            raise WorkerConfigError("--tp-invariant-parts applies to an invariant worker, not with --no-invariance")
+        if parts % options.tensor_parallel_size:
+            raise WorkerConfigError(f"--tp-invariant-parts {parts} is not a multiple of --tensor-parallel-size "
+                                    f"{options.tensor_parallel_size}")
     if options.gpu_gemm not in GPU_GEMMS:
         raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm!r}: choose one of {', '.join(GPU_GEMMS)}")
     if options.gpu_gemm != "vllm" and not (cuda and options.invariance):

@@ -93,6 +93,12 @@ def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
     if not cuda:
         # Read by our vLLM plugin in every process vLLM starts (children inherit the environment).
         os.environ[plugin.ENV] = "cpu" if options.invariance else "off"
+        from invariant.worker import tensor_parallel
+
+        os.environ[tensor_parallel.PARTS_ENV] = str(options.tp_invariant_parts)
+        if options.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = tensor_parallel.threads_bind(
+                options.tensor_parallel_size, sorted(os.sched_getaffinity(0)))
         # vLLM compiles parts of its sampler with torch.compile even in eager mode; on CPU that is
         # inductor C++ generated for the detected ISA (and it has failed to build here). Eager only.
         os.environ["TORCH_COMPILE_DISABLE"] = "1"
@@ -134,10 +140,12 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
     parts = collect_parts(
         model_dir=options.model,
         dtype=dtype,
-        tensor_parallel_size=options.tensor_parallel_size,
+        # TP-invariant numerics serve every TP size dividing the parts with the same bits: one fingerprint
+        tensor_parallel_size="any" if options.tp_invariant_parts else options.tensor_parallel_size,
         invariance=invariance,
         kernel_config=numerics.kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm,
-                                    engine_args=options.extra_vllm_args, attention_isa=isa),
+                                    engine_args=options.extra_vllm_args, attention_isa=isa,
+                                    tp_invariant_parts=options.tp_invariant_parts),
     )
     fingerprint = compute_fingerprint(parts)
     state = WorkerState(fingerprint=fingerprint, parts=parts, model_name=options.model_name,

