@@ -36,10 +36,12 @@ RESULTS = ROOT / "docs" / "results"
 PORTS = {False: 8197, True: 8198}  # stock, invariant
 
 
-def start(model: Path, invariance: bool, log: Path) -> subprocess.Popen:
-    port = PORTS[invariance]
+def start(model: Path, invariance: bool, log: Path, port: int | None = None, **options: object) -> subprocess.Popen:
+    """A worker on the model, ready; ``options`` are more worker options (worker_argv's names)."""
+    port = PORTS[invariance] if port is None else port
     cmd = [sys.executable, "-m", "invariant",
-           *worker_argv(str(model), port=port, served_model_name="m", max_model_len=1024, invariance=invariance)]
+           *worker_argv(str(model), port=port, served_model_name="m", max_model_len=1024, invariance=invariance,
+                        **options)]
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONSAFEPATH": "1"})
