@@ -184,3 +184,17 @@ def test_workers_at_tp1_and_tp2_with_tp_invariant_parts_share_fingerprint_and_bi
     assert fp1["parts"]["tensor_parallel_size"] == "any" and fp1["parts"]["kernels"]["tp_invariant_parts"] == 2
     assert fp1["fingerprint"] == fp2["fingerprint"]
     assert out1 == out2  # text, logprobs (floats compared with ==) and the stamped fingerprint
+
+
+def test_part_weights_are_cut_once_and_again_after_an_in_place_update():
+    """Cut inside the engine's inference mode, the pieces must still be ordinary tensors (our GEMM
+    repacks an inference tensor on every call: a 4x slower TP-invariant layer was measured that way)."""
+    layer = torch.nn.Linear(64, 8, bias=False)
+    with torch.inference_mode():
+        first = tpm._part_weights(layer, 2, 32)
+        assert not first[0].is_inference() and tpm._part_weights(layer, 2, 32) is first
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    with torch.inference_mode():
+        again = tpm._part_weights(layer, 2, 32)
+    assert again is not first and torch.equal(again[1], layer.weight[:, 32:].detach())

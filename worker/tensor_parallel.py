@@ -67,7 +67,12 @@ def _part_weights(layer, local: int, width: int) -> list:
     cached = getattr(layer, _CACHE, None)
     if cached is not None and cached[0] == version and version is not None:
         return cached[1]
-    pieces = [weight.data[:, j * width:(j + 1) * width].contiguous() for j in range(local)]
+    import torch
+
+    # Made outside inference mode (the forward runs inside it): our GEMM packs an inference tensor
+    # anew on every call, having no version counter to know it unchanged (kernels/cpu/gemm.py).
+    with torch.inference_mode(False):
+        pieces = [weight.data[:, j * width:(j + 1) * width].contiguous() for j in range(local)]
     setattr(layer, _CACHE, (version, pieces))
     return pieces
 
