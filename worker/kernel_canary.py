@@ -106,9 +106,14 @@ def _bits(t):
     return t.contiguous().view(ints[t.element_size()])
 
 
+def _differing_on_device(a, b):
+    """:func:`differing` as a tensor on a's device (no host sync)."""
+    return (_bits(a) != _bits(b)).sum()
+
+
 def differing(a, b) -> int:
     """How many elements differ in their bits (NaN equals the same NaN; -0.0 differs from 0.0)."""
-    return int((_bits(a) != _bits(b)).sum())
+    return int(_differing_on_device(a, b))
 
 
 @dataclass
@@ -159,7 +164,7 @@ def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
         for i, pos in enumerate(where):
             for (precision, got), (_, want) in zip(outs, alone[i]):
                 labels.append((pos, precision, int(want.numel())))
-                counts.append((_bits(got[pos:pos + 1]) != _bits(want)).sum())
+                counts.append(_differing_on_device(got[pos:pos + 1], want))
         pending.append((m, labels, torch.stack(counts)))
         batch[where] = kept  # after the comparison (stream order): an output may be a view of its input
         if len(pending) == FLUSH_SIZES or n == len(sizes) - 1:
