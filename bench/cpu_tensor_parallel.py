@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from cpu_throughput import RESULTS, round_, start
+from cpu_throughput import RESULTS, plot_ratios, round_, start
 
 PORT = 8199
 
@@ -86,25 +86,8 @@ def main() -> None:
               for r in rows]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    tps = sorted({r["tp"] for r in rows})
-    width = 0.8 / len(tps)
-    for i, tp in enumerate(tps):
-        rs = [r for r in rows if r["tp"] == tp]
-        ax.bar([j + i * width for j in range(len(rs))], [r["ratio"] for r in rs], width, label=f"TP {tp}")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks([j + width * (len(tps) - 1) / 2 for j in range(len(levels))], [f"c={c}" for c in levels])
-    ax.set_ylabel("TP-invariant / default output tok/s")
-    ax.legend(fontsize=8)
-    ax.set_title(meta["machine"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
-
+    plot_ratios(RESULTS / f"{args.name}.png", rows, "tp", levels, "TP-invariant / default output tok/s",
+                meta["machine"], label=lambda tp: f"TP {tp}")
 
 if __name__ == "__main__":
     main()

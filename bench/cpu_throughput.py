@@ -176,26 +176,33 @@ def main() -> None:
                      f"{r['ratio']:.2f}x | {r['stock_ttft_ms']:.0f} | {r['invariant_ttft_ms']:.0f} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
+    plot_ratios(RESULTS / f"{args.name}.png", rows, "model", levels, "invariant / stock output tok/s",
+                meta["machine"], goal=0.8)
+
+
+def plot_ratios(path: Path, rows: list[dict], group: str, levels: list[int], ylabel: str, title: str,
+                goal: float | None = None, label=str) -> None:
+    """Bars of each row's ``ratio``, one group of bars per value of ``group``, per concurrency level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    models = sorted({r["model"] for r in rows})
-    width = 0.8 / len(models)
-    for i, m in enumerate(models):
-        rs = [r for r in rows if r["model"] == m]
-        ax.bar([j + i * width for j in range(len(rs))], [r["ratio"] for r in rs], width, label=m)
+    keys = sorted({r[group] for r in rows})
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        rs = [r for r in rows if r[group] == key]
+        ax.bar([j + i * width for j in range(len(rs))], [r["ratio"] for r in rs], width, label=label(key))
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.axhline(0.8, color="red", lw=0.8, ls="--", label="goal 0.8x")
-    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(levels))], [f"c={c}" for c in levels])
-    ax.set_ylabel("invariant / stock output tok/s")
+    if goal is not None:
+        ax.axhline(goal, color="red", lw=0.8, ls="--", label=f"goal {goal}x")
+    ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(levels))], [f"c={c}" for c in levels])
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-    ax.set_title(meta["machine"], fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
-
+    fig.savefig(path, dpi=110)
 
 if __name__ == "__main__":
     main()
