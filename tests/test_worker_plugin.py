@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import triton_cpu  # noqa: F401, I001 - sets TRITON_INTERPRET before anything defines a Triton kernel
 
 from conftest import invariant_cli
 from invariant.kernels.cpu import native
