@@ -111,6 +111,38 @@ def test_our_gemm_passes_the_check_and_a_tail_variant_twin_fails_it():
     assert "gemm (test, K=96 N=80, fp32 sums) differs in a batch of 17: row 16" in failure.message()
 
 
+class _RowParallelRank:
+    """What tp_parts_case reads of a vLLM RowParallelLinear: one rank's weight, its TP size, bias."""
+
+    def __init__(self, weight, tp_size=1):
+        self.weight, self.tp_size, self.bias, self.skip_bias_add = weight, tp_size, None, False
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_the_tp_invariant_part_sums_pass_and_a_part_that_varies_with_m_fails(monkeypatch, tp_size):
+    """With --tp-invariant-parts the row-parallel layers serve through tensor_parallel's part sums:
+    the canary checks those (not quant_method.apply), so a batch-variant part is caught at start-up."""
+    from invariant.worker import tensor_parallel as tpm
+
+    rank = _RowParallelRank(WEIGHT[:, : 96 // tp_size].contiguous(), tp_size)
+    case = kc.tp_parts_case("model.layers.0.mlp.down_proj", rank, 4, 200)
+    assert case.width == 96 // tp_size and case.shape == f"K={96 // tp_size} N=80 parts={4 // tp_size}/4"
+    sizes = kc.batch_sizes(200)
+    assert kc.check(case, sizes) is None
+
+    exact = tpm.partial_sums
+
+    def last_part_varies(x, pieces, width):  # the control: the last part's sums take torch's GEMM past M = 33
+        out = exact(x, pieces, width)
+        if x.shape[0] > 33:
+            out[-1] = torch.nn.functional.linear(x[:, -width:].float(), pieces[-1].float())
+        return out
+
+    monkeypatch.setattr(tpm, "partial_sums", last_part_varies)
+    failure = kc.check(kc.tp_parts_case("model.layers.0.mlp.down_proj", rank, 4, 200), sizes)
+    assert failure is not None and failure.batch == 34 and failure.precision == "fp32 part sums", failure
+
+
 def test_full_precision_sees_what_bf16_rounding_hides():
     """One fp32 ulp added to every sum of a batched call: the bf16 outputs (rounded) hide it in
     most elements; the fp32 sums show it at the first batched size."""

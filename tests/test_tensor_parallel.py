@@ -162,6 +162,10 @@ def _answers(w) -> tuple[str, list]:
     out = []
     with httpx.Client(base_url=w.url, timeout=120) as http:
         fingerprint = http.get("/invariant/fingerprint").json()
+        # The kernel canary checked the row-parallel layers through the part sums they serve.
+        checked = http.get("/invariant/ready").json()["kernel_canary"]["checked"]
+        part_cases = [c for c in checked if "parts=" in c]
+        assert any("o_proj K=" in c for c in part_cases) and any("down_proj K=" in c for c in part_cases), checked
         for body in ({"prompt": "the numbers of a request", "temperature": 0},
                      {"prompt": "never on the batch it happens to share", "temperature": 0.8, "seed": 7}):
             r = http.post("/v1/completions", json={"model": w.name, "max_tokens": 16, "logprobs": 1, **body})

@@ -181,8 +181,12 @@ def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
 
 def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
     import torch
+    from vllm.model_executor.layers.linear import RowParallelLinear as row_parallel
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    # Under --tp-invariant-parts the row-parallel layers serve through tensor_parallel's part sums,
+    # not quant_method.apply: check what they serve.
+    tp_parts = getattr(row_parallel.forward, "__invariant_tp__", 0)
     cases, seen = [], set()
     for name, module in model.named_modules():
         if type(module) is VocabParallelEmbedding:
@@ -194,10 +198,15 @@ def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
         if cpu and getattr(module, "cpu_linear", None) is None:
             continue
         bias = getattr(module, "bias", None)
-        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        parts = tp_parts if cpu and isinstance(module, row_parallel) and \
+            getattr(module.cpu_linear, "__invariant__", False) else 0
+        key = (tuple(weight.shape), weight.dtype, bias is not None, parts)
         if key in seen:
             continue
         seen.add(key)
+        if parts:
+            cases.append(tp_parts_case(name, module, parts, budget))
+            continue
         n_out, k = weight.shape
 
         def run(x, module=module, method=method, weight=weight, bias=bias):
@@ -215,6 +224,27 @@ def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
         cases.append(Case("gemm", name, f"K={k} N={n_out}", k, budget, run, weight.dtype, weight.device,
                           scale=1.0, sizes=None if cpu else gpu_gemm_sizes(budget)))
     return cases
+
+
+def tp_parts_case(name: str, module, parts: int, budget: int) -> Case:
+    """A row-parallel layer under TP-invariant parts, as this rank serves it: its parts' fp32 sums
+    (what the ranks all-gather: an exact copy) and their in-order total, rounded once (at TP = 1
+    the layer's output; at TP = t the total of this rank's parts, elementwise like the whole)."""
+    from invariant.worker import tensor_parallel
+
+    tp_size = int(getattr(module, "tp_size", 1))
+    n_out, k_local = module.weight.shape
+    width = tensor_parallel.check_parts(parts, tp_size, k_local * tp_size, name)
+    local = parts // tp_size
+    bias = None if getattr(module, "skip_bias_add", False) else getattr(module, "bias", None)
+
+    def run(x):
+        partials = tensor_parallel.partial_sums(x, tensor_parallel._part_weights(module, local, width), width)
+        return [("fp32 part sums", partials.transpose(0, 1)),
+                (_dtype_name(x), tensor_parallel.add_in_order(partials, bias, x.dtype))]
+
+    return Case("gemm", name, f"K={k_local} N={n_out} parts={local}/{parts}", k_local, budget, run,
+                module.weight.dtype, module.weight.device)
 
 
 def _norm_cases(model, budget: int, hidden: int) -> list[Case]:
@@ -353,6 +383,7 @@ def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     dense = (f" ({first['gemm_sizes']} for each GEMM)"
              if first.get("gemm_sizes") and first["gemm_sizes"] != first.get("sizes") else "")
     return {"ok": True, "failures": [], "seconds": seconds, "cases": checked,
+            "checked": sorted({f"{c['kernel']} {c['name']} {c['shape']}" for r in results for c in r.get("checked", [])}),
             "slowest": [f"{c['kernel']} {c['name']} {c['shape']}: {c['seconds']} s" for c in slowest],
             "message": f"kernel canary passed: {checked} kernel cases, each row alone = amid "
                        f"{first.get('sizes')} batch sizes{dense} up to {first.get('budget')} rows, bitwise"}
