@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from typing import Any, AsyncIterator, Awaitable, Callable
+
+from invariant.gateway.entries import seal_event, unseal_event
 
 from invariant.gateway.records import (Progress, Record, covers, render_live_token, render_role_chunk,
                                        render_stream_rest, truncate)
@@ -175,6 +178,21 @@ def event_error(message: str) -> dict[str, str]:
     return {"error": message}
 
 
+class Publisher:
+    """The leader's side of ``{key}:live``: each event sealed with this generation's random id and
+    its number (0, 1, ...), so that a follower takes only this deployment's events, in order, once."""
+
+    def __init__(self, store, key: str, ttl_ms: int) -> None:
+        self.store, self.key, self.ttl_ms = store, key, ttl_ms
+        self.generation = secrets.token_hex(8)
+        self.seq = 0
+
+    async def __call__(self, fields: dict[str, str]) -> bool:
+        sealed = seal_event(self.key, self.generation, self.seq, fields, self.store.entry_key)
+        self.seq += 1  # also when the publish failed: the follower sees the gap and waits for the entry
+        return await self.store.live_publish(self.key, sealed, self.ttl_ms)
+
+
 async def follow_remote(store, key: str, live: Live, *, deadline: float, block_ms: int = 500,
                         stored=None, wanted: int | None = None) -> None:
     """Feed ``live`` from a peer replica's ``{key}:live`` stream until it is done, fails, or the
@@ -190,6 +208,8 @@ async def follow_remote(store, key: str, live: Live, *, deadline: float, block_m
 async def _follow(store, key: str, live: Live, *, deadline: float, block_ms: int, stored, wanted) -> None:
     last = "0"
     frozen = False
+    generation: str | None = None  # the first event's; every later one must carry it
+    expected = 0  # the number of the next event
     failures = 0
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:
@@ -205,8 +225,23 @@ async def _follow(store, key: str, live: Live, *, deadline: float, block_ms: int
             await asyncio.sleep(0.1)
             continue
         failures = 0
-        for event_id, fields in events:
+        for event_id, sealed in events:
             last = event_id
+            opened = unseal_event(key, sealed, store.entry_key)
+            if opened is None:  # forged or altered: never acted on; the sealed entry decides
+                store.metrics.rejected_entries.labels("live").inc()
+                frozen = True
+                continue
+            event_generation, seq, fields = opened
+            if generation is None:
+                generation = event_generation
+            if event_generation != generation or seq < expected:  # replayed or from another generation
+                store.metrics.rejected_entries.labels("live-replay").inc()
+                frozen = True
+                continue
+            if seq > expected:  # events lost (a publish timed out): chunks stop counting until a restart
+                frozen = True
+            expected = seq + 1
             if "max_tokens" in fields:
                 leader = None if fields["max_tokens"] == "none" else int(fields["max_tokens"])
                 if not joinable(leader, wanted):

@@ -20,8 +20,9 @@ class Metrics:
         self.redis_errors = Counter("invariant_gateway_redis_errors", "Redis operations that failed or timed out",
                                     ["op"], registry=self.registry)
         self.rejected_entries = Counter("invariant_gateway_rejected_entries",
-                                        "Entries read from Redis and refused (seal: not sealed by this deployment's "
-                                        "key, or for another key; record: sealed but not a record)",
+                                        "Entries and live events read from Redis and refused (seal: not sealed by this deployment's "
+                                        "key, or for another key; record: sealed but not a record; live: a live event not "
+                                        "sealed for its stream; live-replay: a sealed live event out of its turn)",
                                         ["reason"], registry=self.registry)
         self.verify = Counter("invariant_gateway_verify", "Replays of stored entries (match, mismatch)",
                               ["result"], registry=self.registry)

@@ -123,13 +123,12 @@ class Gateway:
                 log.warning("retrying on another replica: %s", exc.message)
         raise last or UpstreamError(503, "no healthy worker")
 
-    async def generate_live(self, call: Call, live: Live, publish: str | None) -> Record:
+    async def generate_live(self, call: Call, live: Live, publish: live_mod.Publisher | None) -> Record:
         """Like ``generate_with_retry`` (choice 0), but streamed from the worker into ``live`` (and,
         with ``publish``, into that entry's Redis Stream for followers on other replicas)."""
         resolved, candidates = call.resolved, call.candidates
         fingerprint = call.fingerprint
         up = {**self.upstream_body(resolved, call.body, 0, call.cache_salt), "stream_options": {"include_usage": True}}
-        ttl = self.config.lock_ttl_ms
         last: UpstreamError | None = None
         for ep in [c for c in candidates if c.fingerprint == fingerprint]:
             started = time.perf_counter()
@@ -138,7 +137,7 @@ class Gateway:
                     index = len(live.progress.token_ids)  # followers check continuity with it
                     live.feed(chunk)
                     if publish:
-                        await self.store.live_publish(publish, live_mod.event_chunk(chunk, index), ttl)
+                        await publish(live_mod.event_chunk(chunk, index))
                 record = live.progress.record()
             except UpstreamRejected:
                 self.metrics.upstream_calls.labels(resolved.model, "error").inc()
@@ -149,7 +148,7 @@ class Gateway:
                 log.warning("retrying on another replica: %s", last.message)
                 live.restart()
                 if publish:
-                    await self.store.live_publish(publish, live_mod.EVENT_RESTART, ttl)
+                    await publish(live_mod.EVENT_RESTART)
                 continue
             self.metrics.upstream_calls.labels(resolved.model, "ok").inc()
             self.metrics.upstream_latency.labels(resolved.model).observe(time.perf_counter() - started)
@@ -189,24 +188,24 @@ class Gateway:
             return await self.fill_live(call, key, store)
         token = claim.token
         live = Live(resolved.kind, fingerprint, mine)
-        publish = key if store and token != LOCAL else None
         lock_ttl = self.config.lock_ttl_ms
+        publish = live_mod.Publisher(self.store, key, lock_ttl) if store and token != LOCAL else None
 
         async def lead() -> Record:
             try:
                 if publish:
-                    await self.store.live_publish(key, live_mod.event_max_tokens(mine), lock_ttl)
+                    await publish(live_mod.event_max_tokens(mine))
                 record = await self.generate_live(call, live, publish)
                 if store:
                     await self.store.put(key, record, call.policy.ttl_seconds)
                 live.finish(record)
                 if publish:
-                    await self.store.live_publish(key, live_mod.EVENT_DONE, lock_ttl)
+                    await publish(live_mod.EVENT_DONE)
                 return record
             except BaseException as exc:
                 live.fail(getattr(exc, "message", None) or str(exc) or type(exc).__name__, exc)
                 if publish:
-                    await self.store.live_publish(key, live_mod.event_error(live.error or "failed"), lock_ttl)
+                    await publish(live_mod.event_error(live.error or "failed"))
                 raise
             finally:
                 flights.untrack(key, task)
