@@ -21,14 +21,19 @@ def hash_key(api_key: str) -> str:
 class Tenant:
     name: str
     rate_per_minute: int | None = None
+    # What this key's requests may generate per minute, counted as n x max_tokens (the limit of the
+    # gateway where max_tokens is absent): a request's cost to the workers, not its count.
+    tokens_per_minute: int | None = None
 
 
 class KeyStore:
-    """``{"sha256:<hex of key>": {"tenant": NAME, "rate_per_minute": N}}``; None means auth is off."""
+    """``{"sha256:<hex of key>": {"tenant": NAME, "rate_per_minute": N, "tokens_per_minute": T}}``
+    (both rates optional); None means auth is off."""
 
     def __init__(self, entries: dict[str, dict] | None):
         self.enabled = entries is not None
-        self._entries = {h: Tenant(v["tenant"], v.get("rate_per_minute")) for h, v in (entries or {}).items()}
+        self._entries = {h: Tenant(v["tenant"], v.get("rate_per_minute"), v.get("tokens_per_minute"))
+                         for h, v in (entries or {}).items()}
 
     @classmethod
     def from_file(cls, path: str | None) -> "KeyStore":

@@ -34,6 +34,10 @@ class GatewayConfig:
     check_interval: float = 5.0
     discover: str | None = None  # "kubernetes": routes from DeterministicModel status
     verify_sample: float = 0.0  # share of hits replayed in the background and compared bit for bit
+    # In-process tiers, each bounded in bytes (gateway/lru.py): the copy of Redis entries and the
+    # hot responses. 256 MiB each by default; the entry bounds (4096 each) stay as well.
+    l1_bytes: int = 256 << 20
+    hot_bytes: int = 256 << 20
 
 
 def cache_salt(policy: ModelPolicy, tenant: Tenant) -> str | None:

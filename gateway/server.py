@@ -81,7 +81,16 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         check_interval=float(os.environ.get("INVARIANT_GATEWAY_CHECK_INTERVAL", file.get("check_interval", 5.0))),
         lock_ttl_ms=int(os.environ.get("INVARIANT_GATEWAY_LOCK_TTL_MS", file.get("lock_ttl_ms", 600_000))),
         verify_sample=float(os.environ.get("INVARIANT_GATEWAY_VERIFY_SAMPLE", file.get("verify_sample", 0.0))),
+        l1_bytes=_bytes_setting("INVARIANT_GATEWAY_L1_BYTES", file.get("l1_bytes", 256 << 20)),
+        hot_bytes=_bytes_setting("INVARIANT_GATEWAY_HOT_BYTES", file.get("hot_bytes", 256 << 20)),
     )
+
+
+def _bytes_setting(env: str, default: int) -> int:
+    raw = os.environ.get(env, str(default)).strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise GatewayConfigError(f"{env}={raw!r}: expected a positive number of bytes")
+    return int(raw)
 
 
 def entry_key() -> bytes:

@@ -48,6 +48,10 @@ class HotEntry:
     body_tail: bytes | None  # the JSON response after its "id" and "created"; None for streamed requests
     call: Call  # the call it answered (streaming flags)
 
+    def size(self) -> int:
+        """Bytes it holds, near enough for the tier's byte bound: its records as stored, its body."""
+        return sum(len(r.dumps()) for r in self.records) + len(self.body_tail or b"") + 512
+
 
 HOT_ENTRIES = 4096
 HOT_SECONDS = 60.0
@@ -57,7 +61,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.metrics = Metrics()
-        self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout, entry_key=config.entry_key)
+        self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout, entry_key=config.entry_key,
+                           l1_bytes=config.l1_bytes)
         self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
         if not config.entry_key:
             log.warning("no INVARIANT_GATEWAY_ENTRY_KEY: Redis entries carry a checksum, not a signature; "
@@ -66,7 +71,8 @@ class Gateway:
         self.flights = SingleFlight(self.store, config.lock_ttl_ms)  # gateway/singleflight.py
         # Hot responses: the exact request bytes (per tenant and Cache-Control) -> what answered
         # them. Sound because entries are immutable: same bytes, same fingerprint, same answer.
-        self._hot: Lru[tuple, HotEntry] = Lru(HOT_ENTRIES, time.monotonic)
+        self._hot: Lru[tuple, HotEntry] = Lru(HOT_ENTRIES, time.monotonic, max_bytes=config.hot_bytes,
+                                              size=HotEntry.size)
         self._verifying = asyncio.Semaphore(1)
         self._background: set[asyncio.Task] = set()
 
@@ -496,6 +502,10 @@ class Gateway:
         if resolved.n > 1 and total > self.config.max_total_tokens:
             raise CallError(400, f"'n' x 'max_tokens' ({total}) exceeds this gateway's limit of "
                                  f"{self.config.max_total_tokens} tokens per request.", param="n")
+        if not self.limiter.allow_tokens(tenant, total):
+            raise CallError(429, f"Token rate limit reached for this API key: this request may generate {total} "
+                                 f"tokens ('n' x 'max_tokens'); the key's budget is {tenant.tokens_per_minute} "
+                                 "tokens per minute.", "rate_limit_error", "rate_limit_exceeded")
         return Call(kind=kind, body=body, resolved=resolved, tenant=tenant,
                     policy=self.config.policies.get(model, ModelPolicy()), candidates=tuple(candidates),
                     cache_control=cache_control, keyed_fingerprint=candidates[0].fingerprint or "")

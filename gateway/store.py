@@ -31,7 +31,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 
 class Store:
     def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.25, breaker_seconds: float = 2.0,
-                 l1_entries: int = 4096, entry_key: bytes = b""):
+                 l1_entries: int = 4096, l1_bytes: int = 256 << 20, entry_key: bytes = b""):
         self.url = url
         self.entry_key = entry_key  # the HMAC secret of entries (gateway/entries.py)
         self.metrics = metrics
@@ -41,7 +41,7 @@ class Store:
                                         retry_on_timeout=False, health_check_interval=0)
         self._open_until = 0.0
         # This replica's copy of entries (raw bytes), expiring with their Redis TTL (wall clock).
-        self._l1: Lru[str, bytes] = Lru(l1_entries, time.time)
+        self._l1: Lru[str, bytes] = Lru(l1_entries, time.time, max_bytes=l1_bytes)
         self._release = self._redis.register_script(RELEASE_LOCK)
         self._reader: aioredis.Redis | None = None
 

@@ -378,3 +378,33 @@ def test_fuzzed_bodies_never_get_a_500_and_rejected_ones_store_nothing(fuzz_targ
             assert isinstance(error["message"], str) and error["message"]
         if 400 <= resp.status_code < 500:
             assert redis_cli(redis_server, "DBSIZE") == before, (resp.status_code, resp.text[:200])
+
+
+def test_the_token_rate_counts_n_times_max_tokens_and_the_request_rate_counts_requests(fake, redis_server, tmp_path):  # noqa: F811
+    """A key's budget of generated tokens per minute: a request that may generate n x max_tokens is
+    charged that much before any worker sees it; one past the budget is a 429 in OpenAI's shape."""
+    import hashlib
+    import json as json_
+
+    keys = {"sha256:" + hashlib.sha256(b"sk-tokens").hexdigest(): {"tenant": "t", "tokens_per_minute": 100},
+            "sha256:" + hashlib.sha256(b"sk-requests").hexdigest(): {"tenant": "r", "rate_per_minute": 3}}
+    (tmp_path / "keys.json").write_text(json_.dumps(keys))
+    gw = Gateway([_W("m", fake.url)], redis_server.url, tmp_path, "--api-keys", str(tmp_path / "keys.json"), env=FAST)
+    try:
+        def post(key, **body):
+            return httpx.post(f"{gw.url}/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                              json={"model": "m", "prompt": f"tokens {body}", "temperature": 0, **body})
+
+        assert post("sk-tokens", max_tokens=30, n=2).status_code == 200  # 60 of 100
+        refused = post("sk-tokens", max_tokens=30, n=2, seed=1)  # 60 more: over the budget
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "may generate 60 tokens" in error["message"]
+        assert post("sk-tokens", max_tokens=40).status_code == 200  # 40 fit in what is left
+        too_big = post("sk-tokens", max_tokens=101)
+        assert too_big.status_code == 429 and "budget is 100 tokens per minute" in too_big.json()["error"]["message"]
+        # the request rate: three requests a minute, however small
+        codes = [post("sk-requests", max_tokens=1, seed=i).status_code for i in range(4)]
+        assert codes == [200, 200, 200, 429], codes
+    finally:
+        gw.stop()
