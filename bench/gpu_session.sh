@@ -23,7 +23,7 @@ step probe 120 python3 bench/gpu_leak_probe.py --out "$W/probe"
 step pytest_vllm 780 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_vllm.py ${PYTEST_K_VLLM:+-k "$PYTEST_K_VLLM"}
 step cost 600 python3 bench/gpu_worker_cost.py "$W/medium" --out "$W/cost"
 step canary_cost 600 python3 bench/canary_cost.py --models medium --reps ${CANARY_REPS:-2} --name canary_cost_h200 --out "$W"
-step pytest_worker 600 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py ${PYTEST_K_WORKER:+-k "$PYTEST_K_WORKER"}
+step pytest_worker 840 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py ${PYTEST_K_WORKER:+-k "$PYTEST_K_WORKER"}
 step determinism 900 python3 -m invariant.cli bench determinism --model "$W/medium" --n 1000 --out "$W/determinism" \
   --stem determinism_h200 --note "GPU session: invariant worker (our RMSNorm, Triton attention) vs --no-invariance"
 touch "$W/DONE"

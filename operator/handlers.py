@@ -16,12 +16,14 @@ from typing import Any
 import kopf
 
 from invariant.operator import kube
-from invariant.operator.render import LABEL_MODEL, pins_hash, render_children
+from invariant.operator.render import LABEL_MODEL, parse_ingress_from, pins_hash, render_children
 from invariant.operator.spec import API_GROUP, API_VERSION, PLURAL, SpecError, parse_spec
 from invariant.operator.status import fold_status, invalid_status, pod_view
 
 STATUS_INTERVAL = float(os.environ.get("INVARIANT_OPERATOR_STATUS_INTERVAL", "10"))
 FINGERPRINT_TIMEOUT = float(os.environ.get("INVARIANT_OPERATOR_FINGERPRINT_TIMEOUT", "3"))
+# Who may reach the workers (NetworkPolicy peers, set by the chart); unset: no policy is rendered.
+WORKER_INGRESS = parse_ingress_from(os.environ.get("INVARIANT_OPERATOR_WORKER_INGRESS"))
 log = logging.getLogger("invariant.operator")
 
 
@@ -61,7 +63,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta:
         patch.status.update(invalid_status(dict(status), exc.errors, meta.get("generation", 0), _now()))
         return
     owner = {"metadata": {"name": name, "uid": meta["uid"]}}
-    for manifest in render_children(view, owner):
+    for manifest in render_children(view, owner, WORKER_INGRESS):
         kube.apply(manifest)
     patch.status["observedGeneration"] = meta.get("generation", 0)
     if status.get("phase") in (None, "Invalid"):

@@ -36,6 +36,8 @@ def apply(manifest: dict[str, Any]) -> None:
         client.AppsV1Api().patch_namespaced_deployment(meta["name"], meta["namespace"], body, **kwargs)
     elif manifest["kind"] == "Service":
         client.CoreV1Api().patch_namespaced_service(meta["name"], meta["namespace"], body, **kwargs)
+    elif manifest["kind"] == "NetworkPolicy":
+        client.NetworkingV1Api().patch_namespaced_network_policy(meta["name"], meta["namespace"], body, **kwargs)
     else:  # pragma: no cover - render_children() produces only these kinds
         raise ValueError(f"cannot apply kind {manifest['kind']}")
 

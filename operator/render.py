@@ -174,5 +174,40 @@ def render_service(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def render_children(view: ModelSpecView, owner: dict[str, Any]) -> list[dict[str, Any]]:
-    return [render_deployment(view, owner), render_service(view, owner)]
+def render_network_policy(view: ModelSpecView, owner: dict[str, Any], ingress_from: list[dict[str, Any]]) -> dict[str, Any]:
+    """Only the named peers (the chart passes its gateway and this operator, plus any the user adds)
+    reach a worker's port: a worker serves whoever reaches it, and the cache trusts what it serves."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": worker_name(view), "namespace": view.namespace, "labels": common_labels(view),
+                     "ownerReferences": [owner_reference(owner)]},
+        "spec": {"podSelector": {"matchLabels": selector_labels(view)}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [dict(peer) for peer in ingress_from],
+                              "ports": [{"port": WORKER_PORT, "protocol": "TCP"}]}]},
+    }
+
+
+def render_children(view: ModelSpecView, owner: dict[str, Any],
+                    ingress_from: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The Deployment and Service; with ``ingress_from`` (peers; [] admits none) a NetworkPolicy too."""
+    children = [render_deployment(view, owner), render_service(view, owner)]
+    if ingress_from is not None:
+        children.append(render_network_policy(view, owner, ingress_from))
+    return children
+
+
+def parse_ingress_from(raw: str | None) -> list[dict[str, Any]] | None:
+    """``INVARIANT_OPERATOR_WORKER_INGRESS``: a JSON list of NetworkPolicy peers, or unset (no policy).
+    ValueError, in one line, for anything else (the operator refuses to start on it)."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        peers = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"INVARIANT_OPERATOR_WORKER_INGRESS is not JSON: {exc}") from None
+    allowed = {"podSelector", "namespaceSelector", "ipBlock"}
+    if not isinstance(peers, list) or not all(isinstance(p, dict) and p and set(p) <= allowed for p in peers):
+        raise ValueError("INVARIANT_OPERATOR_WORKER_INGRESS must be a JSON list of NetworkPolicy peers "
+                         "(objects of podSelector, namespaceSelector, ipBlock)")
+    return peers
