@@ -6,9 +6,11 @@
 Starts ``invariant worker`` three times on the same model, one after another: ``--no-invariance``
 (stock vLLM 0.26, CUDA graphs), invariant with upstream's GEMM (the default), and invariant with
 ``--gpu-gemm invariant`` (our Triton GEMM). Each worker must pass its start-up canary to become
-ready. Then, at concurrency 1, 8 and 64, streamed completions (about 256 prompt tokens, 128 output
-tokens, greedy, ignore_eos) measure output tokens/s over a wave and time to first token per request;
-each cell is three waves (median wave, median request). Ratios are against stock in the same run. Writes gpu_worker_cost.json/.md (and
+ready. Two loads of streamed completions (greedy, ignore_eos) measure output tokens/s over a wave and
+time to first token per request: ``default`` (about 256 prompt tokens, 128 output tokens, concurrency
+1, 8 and 64) and ``prefill`` (prompts of 2,048-3,847 token ids, 16 output tokens, concurrency 1 and 8:
+where prefill dominates, so TTFT shows what the invariant prefill costs). Each cell is three waves
+(median wave, median request). Ratios are against stock in the same run. Writes gpu_worker_cost.json/.md (and
 the plot where matplotlib is installed).
 """
 
@@ -31,20 +33,26 @@ CONCURRENCY = (1, 8, 64)
 REQUESTS = {1: 8, 8: 32, 64: 128}
 REPEAT = 3  # waves per cell; the table quotes the median wave (tok/s) and the median request (TTFT)
 OUTPUT_TOKENS = 128
+# load -> (concurrency levels, requests per wave at each, output tokens)
+LOADS = {"default": (CONCURRENCY, REQUESTS, OUTPUT_TOKENS), "prefill": ((1, 8), {1: 6, 8: 24}, 16)}
 MODES = {"stock": ["--no-invariance"], "invariant": [], "invariant+our-gemm": ["--gpu-gemm", "invariant"]}
 WORDS = "every reduction keeps its order whatever else shares the batch so the bits hold".split()
 
 
-def prompt(i: int) -> str:
+def prompt(i: int, load: str = "default") -> str | list[int]:
+    """``default``: ~256 tokens of text; ``prefill``: 2,048-3,847 token ids (exact lengths, under the
+    made models' 4,096 positions), distinct per request so no prefix cache helps."""
+    if load == "prefill":
+        return [(i * 7919 + j * 31) % 4000 + 16 for j in range(2048 + (i * 331) % 1800)]
     return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(200 + i % 17))
 
 
-async def one(client: httpx.AsyncClient, i: int) -> tuple[float, int, float]:
+async def one(client: httpx.AsyncClient, i: int, load: str = "default") -> tuple[float, int, float]:
     """(time to first token, tokens, end) of one streamed completion."""
     start = time.perf_counter()
     first = None
     tokens = 0
-    body = {"model": "m", "prompt": prompt(i), "max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True,
+    body = {"model": "m", "prompt": prompt(i, load), "max_tokens": LOADS[load][2], "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", "/v1/completions", json=body) as res:
         res.raise_for_status()
@@ -59,31 +67,31 @@ async def one(client: httpx.AsyncClient, i: int) -> tuple[float, int, float]:
     return first or float("nan"), tokens, time.perf_counter()
 
 
-async def wave(url: str, c: int, n: int, offset: int) -> dict:
+async def wave(url: str, c: int, n: int, offset: int, load: str = "default") -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=c)) as client:
         sem = asyncio.Semaphore(c)
 
         async def limited(i):
             async with sem:
-                return await one(client, i)
+                return await one(client, i, load)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(offset + i) for i in range(n)))
         wall = time.perf_counter() - start
     tokens = sum(r[1] for r in results)
-    return {"concurrency": c, "requests": n, "output_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+    return {"load": load, "concurrency": c, "requests": n, "output_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "ttft_ms": [1000 * r[0] for r in results]}
 
 
 def cell(waves: list[dict]) -> dict:
     """One table cell from repeated waves: median wave throughput, median request TTFT."""
-    return {"concurrency": waves[0]["concurrency"], "requests": waves[0]["requests"], "waves": len(waves),
+    return {"load": waves[0].get("load", "default"), "concurrency": waves[0]["concurrency"], "requests": waves[0]["requests"], "waves": len(waves),
             "tok_s": statistics.median(w["tok_s"] for w in waves),
             "tok_s_waves": [round(w["tok_s"], 1) for w in waves],
             "ttft_ms_median": statistics.median(t for w in waves for t in w["ttft_ms"])}
 
 
-def measure(model: str, out: Path) -> dict:
+def measure(model: str, out: Path, loads: tuple[str, ...] = tuple(LOADS)) -> dict:
     rows, meta = [], {}
     for label, extra in MODES.items():
         port = 8100 + len(rows)
@@ -100,10 +108,13 @@ def measure(model: str, out: Path) -> dict:
             meta.setdefault("versions", fp["parts"]["versions"])
             print(f"{label}: ready in {meta[label]['ready_s']} s, canary {ready.get('canary', {}).get('ok')}", flush=True)
             asyncio.run(wave(url, 8, 16, 10_000))  # warm-up: first graphs, allocator, HTTP
-            for c in CONCURRENCY:
-                r = cell([asyncio.run(wave(url, c, REQUESTS[c], 1000 * k)) for k in range(REPEAT)])
-                rows.append({"mode": label, **r})
-                print(f"  c={c:3d}: {r['tok_s']:9.1f} tok/s  TTFT median {r['ttft_ms_median']:8.2f} ms", flush=True)
+            for load in loads:
+                levels, requests, _ = LOADS[load]
+                for c in levels:
+                    r = cell([asyncio.run(wave(url, c, requests[c], 1000 * k, load)) for k in range(REPEAT)])
+                    rows.append({"mode": label, **r})
+                    print(f"  {load} c={c:3d}: {r['tok_s']:9.1f} tok/s  TTFT median {r['ttft_ms_median']:8.2f} ms",
+                          flush=True)
         finally:
             stop_all([proc], timeout=60)
     meta["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -111,15 +122,17 @@ def measure(model: str, out: Path) -> dict:
 
 
 def table(res: dict) -> str:
-    base = {r["concurrency"]: r for r in res["rows"] if r["mode"] == "stock"}
+    base = {(r.get("load", "default"), r["concurrency"]): r for r in res["rows"] if r["mode"] == "stock"}
     dev = res["meta"]["device"]
     lines = [f"Measured {res['meta'].get('when', 'at an unrecorded time')}, stock vLLM in the same run as the baseline.",
              f"Device: {dev.get('name')} (driver {dev.get('driver')}, CUDA {dev.get('cuda')}); vLLM "
-             f"{res['meta']['versions'].get('vllm')}; {OUTPUT_TOKENS} output tokens, ~256 prompt tokens, greedy.", "",
-             "| mode | concurrency | output tok/s | vs stock | TTFT median ms | vs stock |", "|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        b = base[r["concurrency"]]
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['tok_s']:.0f} | {r['tok_s'] / b['tok_s']:.3f}x | "
+             f"{res['meta']['versions'].get('vllm')}; greedy. Loads: default = ~256 prompt tokens, {OUTPUT_TOKENS} output "
+             "tokens; prefill = 2,048-3,847 prompt tokens, 16 output tokens.", "",
+             "| load | mode | concurrency | output tok/s | vs stock | TTFT median ms | vs stock |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r.get("load", "default") != "default", r.get("load", "default"))):
+        b = base[(r.get("load", "default"), r["concurrency"])]
+        lines.append(f"| {r.get('load', 'default')} | {r['mode']} | {r['concurrency']} | {r['tok_s']:.0f} | {r['tok_s'] / b['tok_s']:.3f}x | "
                      f"{r['ttft_ms_median']:.1f} | {r['ttft_ms_median'] / b['ttft_ms_median']:.3f}x |")
     waves = res["rows"][0].get("waves", 1)
     lines += ["", f"{waves} wave(s) per cell (median). Slowdown = 1 - (tok/s ratio); goal: under 10%. "
@@ -133,16 +146,19 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     modes = list(dict.fromkeys(r["mode"] for r in res["rows"]))
+    cells = list(dict.fromkeys((r.get("load", "default"), r["concurrency"]) for r in res["rows"]))
+    base = {(r.get("load", "default"), r["concurrency"]): r for r in res["rows"] if r["mode"] == "stock"}
     width = 0.8 / len(modes)
     for k, mode in enumerate(modes):
-        rows = [r for r in res["rows"] if r["mode"] == mode]
-        xs = [i + k * width for i in range(len(rows))]
-        axes[0].bar(xs, [r["tok_s"] for r in rows], width, label=mode)
-        axes[1].bar(xs, [r["ttft_ms_median"] for r in rows], width, label=mode)
-    for ax, title in zip(axes, ("output tokens/s (higher is better)", "TTFT median, ms (lower is better)")):
-        ax.set_xticks([i + width for i in range(len(CONCURRENCY))], [f"c={c}" for c in CONCURRENCY])
+        rows = {(r.get("load", "default"), r["concurrency"]): r for r in res["rows"] if r["mode"] == mode}
+        xs = [i + k * width for i in range(len(cells))]
+        axes[0].bar(xs, [rows[c]["tok_s"] / base[c]["tok_s"] for c in cells], width, label=mode)
+        axes[1].bar(xs, [rows[c]["ttft_ms_median"] / base[c]["ttft_ms_median"] for c in cells], width, label=mode)
+    for ax, title in zip(axes, ("output tok/s vs stock (higher is better)", "TTFT vs stock (lower is better)")):
+        ax.set_xticks([i + width for i in range(len(cells))], [f"{load}\nc={c}" for load, c in cells], fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.suptitle(f"cost of batch invariance, {res['meta']['device'].get('name')}")
@@ -154,6 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated, of {', '.join(LOADS)}")
     ap.add_argument("--plot", type=Path, help="only draw the plot (and the table) from a results JSON")
     args = ap.parse_args()
     if args.plot:
@@ -163,7 +180,7 @@ def main() -> None:
         print(table(res))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    res = measure(args.model, args.out)
+    res = measure(args.model, args.out, tuple(args.loads.split(",")))
     (args.out / "gpu_worker_cost.json").write_text(json.dumps(res, indent=1))
     (args.out / "gpu_worker_cost.md").write_text(table(res))
     print(table(res))

@@ -33,6 +33,7 @@ class GatewayConfig:
     lock_ttl_ms: int = 600_000
     check_interval: float = 5.0
     discover: str | None = None  # "kubernetes": routes from DeterministicModel status
+    discover_namespaces: tuple[str, ...] = ()  # where discovery lists them; empty: every namespace
     verify_sample: float = 0.0  # share of hits replayed in the background and compared bit for bit
     # In-process tiers, each bounded in bytes (gateway/lru.py): the copy of Redis entries and the
     # hot responses. 256 MiB each by default; the entry bounds (4096 each) stay as well.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from typing import Any
 
 from invariant.gateway.config import ModelPolicy
@@ -19,6 +20,7 @@ from invariant.contract import cache as contract_cache, crd
 
 log = logging.getLogger("invariant.gateway")
 GROUP, VERSION, PLURAL = crd.GROUP, crd.VERSION, crd.PLURAL
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _served_name(obj: dict[str, Any]) -> str:
@@ -70,8 +72,34 @@ def apply_routes(gateway: Gateway, models: dict[str, list[str]], policies: dict[
     gateway.config.policies.update(policies)
 
 
+NAMESPACES_ENV = "INVARIANT_GATEWAY_NAMESPACES"
+
+
+def parse_namespaces(raw: str | None) -> tuple[str, ...]:
+    """``INVARIANT_GATEWAY_NAMESPACES`` (comma-separated; the chart sets the operator's watched
+    namespaces): empty means every namespace. With names, the gateway's RBAC is a Role in each, so a
+    cluster-wide list would be refused, and a DeterministicModel elsewhere is never routed to."""
+    names = tuple(dict.fromkeys(n.strip() for n in (raw or "").split(",") if n.strip()))
+    for name in names:
+        if not _NAMESPACE.fullmatch(name):
+            raise ValueError(f"{NAMESPACES_ENV}: {name!r} is not a namespace name")
+    return names
+
+
+def list_models(api: Any, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every DeterministicModel the gateway may route to: cluster-wide, or in the named namespaces."""
+    if not namespaces:
+        return api.list_cluster_custom_object(GROUP, VERSION, PLURAL).get("items", [])
+    items: list[dict[str, Any]] = []
+    for namespace in namespaces:
+        items += api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL).get("items", [])
+    return items
+
+
 async def watch_kubernetes(gateway: Gateway, interval: float = 5.0) -> None:
     from kubernetes import client, config
+
+    namespaces = gateway.config.discover_namespaces
 
     try:
         config.load_incluster_config()
@@ -80,9 +108,9 @@ async def watch_kubernetes(gateway: Gateway, interval: float = 5.0) -> None:
     api = client.CustomObjectsApi()
     while True:
         try:
-            listing = await asyncio.to_thread(api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            items = await asyncio.to_thread(list_models, api, namespaces)
             conflicts: list[str] = []
-            models, policies = routes_from_objects(listing.get("items", []), conflicts)
+            models, policies = routes_from_objects(items, conflicts)
             for line in conflicts:
                 log.warning("DeterministicModel %s", line)
             apply_routes(gateway, models, policies)

@@ -10,6 +10,7 @@ from typing import Any
 
 from invariant.gateway.app import create_app
 from invariant.gateway.config import GatewayConfig, ModelPolicy
+from invariant.gateway.discovery import NAMESPACES_ENV, parse_namespaces
 from invariant.gateway.auth import KeyStore
 from invariant.contract import cache as cache_policy
 
@@ -77,6 +78,7 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.25))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
         discover=discover,
+        discover_namespaces=_namespaces_setting(),
         entry_key=entry_key(),
         check_interval=float(os.environ.get("INVARIANT_GATEWAY_CHECK_INTERVAL", file.get("check_interval", 5.0))),
         lock_ttl_ms=int(os.environ.get("INVARIANT_GATEWAY_LOCK_TTL_MS", file.get("lock_ttl_ms", 600_000))),
@@ -84,6 +86,13 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         l1_bytes=_bytes_setting("INVARIANT_GATEWAY_L1_BYTES", file.get("l1_bytes", 256 << 20)),
         hot_bytes=_bytes_setting("INVARIANT_GATEWAY_HOT_BYTES", file.get("hot_bytes", 256 << 20)),
     )
+
+
+def _namespaces_setting() -> tuple[str, ...]:
+    try:
+        return parse_namespaces(os.environ.get(NAMESPACES_ENV))
+    except ValueError as exc:
+        raise GatewayConfigError(str(exc)) from None
 
 
 def _bytes_setting(env: str, default: int) -> int:

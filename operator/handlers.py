@@ -15,15 +15,17 @@ from typing import Any
 
 import kopf
 
-from invariant.operator import kube
+from invariant.operator import kube, metrics
 from invariant.operator.render import LABEL_MODEL, parse_ingress_from, pins_hash, render_children
 from invariant.operator.spec import API_GROUP, API_VERSION, PLURAL, SpecError, parse_spec
 from invariant.operator.status import fold_status, invalid_status, pod_view
 
 STATUS_INTERVAL = float(os.environ.get("INVARIANT_OPERATOR_STATUS_INTERVAL", "10"))
 FINGERPRINT_TIMEOUT = float(os.environ.get("INVARIANT_OPERATOR_FINGERPRINT_TIMEOUT", "3"))
-# Who may reach the workers (NetworkPolicy peers, set by the chart); unset: no policy is rendered.
-WORKER_INGRESS = parse_ingress_from(os.environ.get("INVARIANT_OPERATOR_WORKER_INGRESS"))
+# Who may reach the workers (NetworkPolicy peers, set by the chart); None: no policy is rendered.
+# Read at start-up (configure), not at import, so a bad value stops the operator with its reason.
+WORKER_INGRESS: list[dict[str, Any]] | None = None
+_metrics_server: Any = None
 log = logging.getLogger("invariant.operator")
 
 
@@ -41,7 +43,24 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = int(os.environ.get("INVARIANT_OPERATOR_WATCH_TIMEOUT", "300"))
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.posting.level = logging.WARNING
+    global WORKER_INGRESS, _metrics_server
+    try:
+        WORKER_INGRESS = parse_ingress_from(os.environ.get("INVARIANT_OPERATOR_WORKER_INGRESS"))
+        port = metrics.parse_port(os.environ.get(metrics.METRICS_PORT_ENV))
+    except ValueError as exc:
+        raise kopf.PermanentError(str(exc)) from None
+    if port is not None and _metrics_server is None:
+        _metrics_server = metrics.serve(port)
     kube.load_config()
+
+
+@kopf.on.cleanup()
+def stop_metrics(**_: Any) -> None:
+    global _metrics_server
+    if _metrics_server is not None:
+        _metrics_server.shutdown()
+        _metrics_server.server_close()
+        _metrics_server = None
 
 
 @kopf.on.login()
@@ -82,6 +101,7 @@ def fold(spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, status: ko
     new = fold_status(previous=dict(status), generation=meta.get("generation", 0), desired_replicas=view.replicas,
                       pins=pins_hash(view), expected_fingerprint=view.numerics.expected_fingerprint, pods=pods,
                       observed=observed, now=_now())
+    metrics.record(namespace, name, metrics.drifted_pods(new))
     current = {k: status.get(k) for k in new}
     if current != new:
         patch.status.update(new)
@@ -90,4 +110,5 @@ def fold(spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, status: ko
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
 def deleted(name: str, namespace: str, **_: Any) -> None:
     # Deployment and Service carry ownerReferences: Kubernetes' garbage collector removes them.
+    metrics.forget(namespace, name)
     log.info("DeterministicModel %s/%s deleted; its workers go with it", namespace, name)

@@ -235,6 +235,7 @@ WORKLOAD_RESOURCES = [
     ("apps/v1/deployments", "Deployment", set()),
     ("v1/services", "Service", set()),
     ("v1/pods", "Pod", set()),
+    ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", set()),
 ]
 
 

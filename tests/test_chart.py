@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def test_every_rendered_object_is_valid(helm, variant):
             jsonschema.validate(doc, crs[key])
         else:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-            "ClusterKopfPeering"} <= kinds
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    assert ("KopfPeering" if "namespaces" in variant else "ClusterKopfPeering") in kinds
     assert ("StatefulSet" in kinds) == (variant != "external-redis-no-gateway")
 
 
@@ -99,16 +100,85 @@ def test_defaults_wire_the_components(helm):
     assert "--peering=rel-invariant" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def rules_of(role: dict) -> dict[tuple, set]:
+    return {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+
+
 def test_operator_rbac_is_least_privilege(helm):
     role = by_kind_name(template(helm, *KEYS), "ClusterRole", "-operator")
-    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    rules = rules_of(role)
     assert rules[(("",), ("pods",))] == {"get", "list", "watch"}  # pods are only read
     assert rules[(("invariant.dev",), ("deterministicmodels/status",))] == {"get", "patch"}
+    assert rules[(("networking.k8s.io",), ("networkpolicies",))] == {"get", "list", "watch", "create", "patch"}
     every_verb = set().union(*rules.values())
     assert "delete" not in every_verb and "*" not in every_verb  # children go by ownerReferences
     gateway_role = by_kind_name(template(helm, *KEYS), "ClusterRole", "-gateway")
     assert gateway_role["rules"] == [{"apiGroups": ["invariant.dev"], "resources": ["deterministicmodels"],
                                       "verbs": ["get", "list", "watch"]}]
+
+
+def test_rbac_is_scoped_to_the_watched_namespaces(helm):
+    """With operator.watchNamespaces, every write (and the gateway's read) is granted by a Role in each
+    watched namespace; what stays cluster-wide is read-only discovery of CRDs."""
+    scoped = template(helm, *KEYS, "--set", "operator.watchNamespaces={models,staging}")
+    cluster_wide = template(helm, *KEYS)
+    clusterroles = [d for d in scoped if d["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in clusterroles] == ["rel-invariant-operator"]
+    assert clusterroles[0]["rules"] == [{"apiGroups": ["apiextensions.k8s.io"],
+                                         "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"]}]
+    roles = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in scoped if d["kind"] == "Role"}
+    assert set(roles) == {(ns, f"rel-invariant-{c}") for ns in ("models", "staging") for c in ("operator", "gateway")}
+    bindings = {(d["metadata"]["namespace"], d["roleRef"]["name"]): d["subjects"] for d in scoped
+                if d["kind"] == "RoleBinding"}
+    assert bindings[("models", "rel-invariant-operator")] == [
+        {"kind": "ServiceAccount", "name": "rel-invariant-operator", "namespace": "invariant"}]
+    assert set(bindings) == set(roles) and not [d for d in scoped if d["kind"] == "ClusterRoleBinding"
+                                                 and d["roleRef"]["name"].endswith("-gateway")]
+    # the namespaced Role grants what the cluster-wide role grants for namespaced objects, kopfpeerings
+    # in place of clusterkopfpeerings, and nothing for cluster-scoped objects
+    wide = rules_of(by_kind_name(cluster_wide, "ClusterRole", "-operator"))
+    local = rules_of(roles[("models", "rel-invariant-operator")])
+    namespaced_wide = {k: v for k, v in wide.items() if k[1][0] not in (
+        "customresourcedefinitions", "namespaces", "clusterkopfpeerings")}
+    assert local == {**namespaced_wide, (("kopf.dev",), ("kopfpeerings",)): {"get", "list", "watch", "patch"}}
+    assert rules_of(roles[("staging", "rel-invariant-gateway")]) == {
+        (("invariant.dev",), ("deterministicmodels",)): {"get", "list", "watch"}}
+    # kopf peers per namespace when namespaced; the gateway lists only there
+    assert {(d["kind"], d["metadata"].get("namespace")) for d in scoped if "KopfPeering" in d["kind"]} == {
+        ("KopfPeering", "models"), ("KopfPeering", "staging")}
+    assert {d["kind"] for d in cluster_wide if "KopfPeering" in d["kind"]} == {"ClusterKopfPeering"}
+    env = {e["name"]: e.get("value") for e in by_kind_name(scoped, "Deployment", "-gateway")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["INVARIANT_GATEWAY_NAMESPACES"] == "models,staging"
+    assert "INVARIANT_GATEWAY_NAMESPACES" not in {e["name"] for e in by_kind_name(
+        cluster_wide, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_workers_and_the_operator_get_network_policies(helm):
+    """The operator renders a NetworkPolicy beside each model's workers from the peers the chart gives it:
+    this release's gateway and operator (from the release's namespace) and networkPolicy.workerFrom."""
+    from invariant.operator.render import parse_ingress_from
+
+    trainer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rl"}}}
+    docs = template(helm, *KEYS, "--set-json", f"networkPolicy.workerFrom=[{json.dumps(trainer)}]")
+    container = by_kind_name(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    peers = parse_ingress_from(env["INVARIANT_OPERATOR_WORKER_INGRESS"])
+    release_ns = {"matchLabels": {"kubernetes.io/metadata.name": "invariant"}}
+    assert peers == [
+        {"namespaceSelector": release_ns, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/component": "gateway", "app.kubernetes.io/instance": "rel"}}},
+        {"namespaceSelector": release_ns, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/component": "operator", "app.kubernetes.io/instance": "rel"}}},
+        trainer]
+    policy = by_kind_name(docs, "NetworkPolicy", "-operator")["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert policy["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}, {"port": 9090, "protocol": "TCP"}]}]
+    assert env["INVARIANT_OPERATOR_METRICS_PORT"] == "9090"
+    off = template(helm, *KEYS, "--set", "networkPolicy.enabled=false")
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+    assert "INVARIANT_OPERATOR_WORKER_INGRESS" not in {e["name"] for e in by_kind_name(
+        off, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -119,6 +189,9 @@ def test_operator_rbac_is_least_privilege(helm):
     (["--set", "redis.enabled=false", *KEYS], "redis.externalUrl is required when redis.enabled is false"),
     ([], "gateway.auth.required: set gateway.apiKeysSecret"),
     (["--set", "networkPolicy.gatewayFrom=x", *KEYS], "at '/networkPolicy/gatewayFrom'"),
+    (["--set", "networkPolicy.workerFrom=x", *KEYS], "at '/networkPolicy/workerFrom'"),
+    (["--set", "operator.metricsPort=8080", *KEYS], "at '/operator/metricsPort'"),
+    (["--set", "operator.watchNamespaces={team-*}", *KEYS], "at '/operator/watchNamespaces/0'"),
 ])
 def test_bad_values_are_refused(helm, args, message):
     res = subprocess.run([str(helm), "template", "rel", str(CHART), *args], capture_output=True, text=True, timeout=60)

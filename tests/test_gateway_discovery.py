@@ -8,6 +8,8 @@ from invariant.gateway.discovery import apply_routes, routes_from_objects
 from invariant.gateway.server import GatewayConfigError, build_config
 from invariant.operator.status import PodView, fold_status
 
+import time
+
 import pytest
 
 
@@ -57,3 +59,43 @@ def test_gateway_config_errors():
         build_config(model_flags=["qwen"], redis_url=None, config_file=None, api_keys_file=None)
     cfg = build_config(model_flags=[], redis_url=None, config_file=None, api_keys_file=None, discover="kubernetes")
     assert cfg.models == {} and cfg.discover == "kubernetes"
+
+
+def test_discovery_scoped_to_namespaces_ignores_an_older_claim_elsewhere(tmp_path):
+    """With the chart's watched namespaces, a DeterministicModel in another namespace is never read,
+    even one older than ours that claims the same served name (it would own the name cluster-wide)."""
+    from kubernetes import client, config
+
+    from invariant.gateway.discovery import list_models
+    from kube_emulator import EmulatorThread
+
+    with EmulatorThread() as emu:
+        config.load_kube_config(config_file=str(emu.write_kubeconfig(tmp_path / "kubeconfig")))
+        api = client.CustomObjectsApi()
+        for namespace, url in (("rogue", "http://rogue:8000"), ("models", "http://ours:8000")):
+            api.create_namespaced_custom_object("invariant.dev", "v1alpha1", namespace, "deterministicmodels", {
+                "apiVersion": "invariant.dev/v1alpha1", "kind": "DeterministicModel",
+                "metadata": {"name": "qwen", "namespace": namespace},
+                "spec": {"model": {"servedName": "qwen"}, "cache": {"sharing": "shared"} if namespace == "rogue" else {}}})
+            api.patch_namespaced_custom_object_status("invariant.dev", "v1alpha1", namespace, "deterministicmodels",
+                                                      "qwen", {"status": {"endpoints": [{"url": url}]}})
+            time.sleep(1.1)  # creationTimestamp has one-second resolution: rogue is the older
+        scoped, _ = routes_from_objects(list_models(api, ("models", "staging")))
+        assert scoped == {"qwen": ["http://ours:8000"]}
+        # control: listed cluster-wide, the older claim owns the name (what a ClusterRole would let it do)
+        everywhere, policies = routes_from_objects(list_models(api, ()))
+        assert everywhere == {"qwen": ["http://rogue:8000"]} and policies["qwen"].sharing == "shared"
+
+
+@pytest.mark.parametrize("raw,expected", [("", ()), ("models", ("models",)), (" models, staging ,models", ("models", "staging"))])
+def test_discovery_namespaces_setting(monkeypatch, raw, expected):
+    monkeypatch.setenv("INVARIANT_GATEWAY_NAMESPACES", raw)
+    cfg = build_config(model_flags=[], redis_url=None, config_file=None, api_keys_file=None, discover="kubernetes")
+    assert cfg.discover_namespaces == expected
+
+
+@pytest.mark.parametrize("raw", ["Models", "a/b", "-x", "x" * 64])
+def test_a_bad_discovery_namespace_is_a_config_error(monkeypatch, raw):
+    monkeypatch.setenv("INVARIANT_GATEWAY_NAMESPACES", raw)
+    with pytest.raises(GatewayConfigError, match="INVARIANT_GATEWAY_NAMESPACES: .* is not a namespace name"):
+        build_config(model_flags=[], redis_url=None, config_file=None, api_keys_file=None, discover="kubernetes")

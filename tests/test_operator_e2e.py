@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,12 +18,30 @@ from kopf.testing import KopfRunner
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from conftest import free_port
 from kube_emulator import EmulatorThread
 from operator_cases import IMAGE, dm_spec
 
 NS = "default"
 GROUP, VERSION, PLURAL = "invariant.dev", "v1alpha1", "deterministicmodels"
 FP_A, FP_B = "inv-aaaaaaaaaaaaaaaa", "inv-bbbbbbbbbbbbbbbb"
+GATEWAY_PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "invariant"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
+METRICS_PORT = free_port()
+
+
+def drift_metrics(model: str) -> tuple[float, float]:
+    """(drifted replicas now, drift detections so far) from the operator's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels == {"namespace": NS, "model": model}:
+                values[sample.name] = sample.value
+    return (values.get("invariant_operator_drifted_replicas", -1.0),
+            values.get("invariant_operator_drift_detected_total", 0.0))
 
 
 class FakeWorker:
@@ -73,6 +92,8 @@ def cluster(tmp_path, monkeypatch):
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.setenv("INVARIANT_OPERATOR_STATUS_INTERVAL", "0.5")
         monkeypatch.setenv("INVARIANT_OPERATOR_FINGERPRINT_TIMEOUT", "1")
+        monkeypatch.setenv("INVARIANT_OPERATOR_WORKER_INGRESS", json.dumps(GATEWAY_PEERS))
+        monkeypatch.setenv("INVARIANT_OPERATOR_METRICS_PORT", str(METRICS_PORT))
         config.load_kube_config(config_file=str(kubeconfig))
         yield emu
 
@@ -129,6 +150,13 @@ def test_lifecycle(operator):
             .required_during_scheduling_ignored_during_execution.node_selector_terms[0].match_expressions
         assert {e.key: e.values for e in expressions}["nvidia.com/gpu.product"] == ["NVIDIA-H100-80GB-HBM3"]
         assert wait_for(lambda: core.read_namespaced_service("qwen-worker", NS), what="service")
+        # the workers admit only the peers the chart names (here: the gateway), on the worker port
+        policy = wait_for(lambda: client.NetworkingV1Api().read_namespaced_network_policy("qwen-worker", NS),
+                          what="network policy")
+        assert policy.spec.pod_selector.match_labels == deployment.spec.selector.match_labels
+        assert policy.spec.policy_types == ["Ingress"]
+        assert [client.ApiClient().sanitize_for_serialization(p) for p in policy.spec.ingress[0]._from] == GATEWAY_PEERS
+        assert policy.metadata.owner_references[0].uid == dm("qwen")["metadata"]["uid"]
         assert wait_for(lambda: status_of("qwen").get("phase") == "Pending", what="Pending")
 
         # worker pods become ready -> status Ready with fingerprints and endpoints
@@ -140,16 +168,23 @@ def test_lifecycle(operator):
         assert sorted(e["url"] for e in status["endpoints"]) == sorted(
             f"http://127.0.0.1:{w.port}" for w in workers[:2])
         assert condition("qwen", "Ready")["status"] == "True"
+        assert wait_for(lambda: drift_metrics("qwen")[0] == 0, what="drift gauge 0")
+        assert drift_metrics("qwen")[1] == 0
 
-        # one pod reports another fingerprint -> FingerprintMismatch, kept out of the endpoints
+        # one pod reports another fingerprint -> FingerprintMismatch, kept out of the endpoints, counted
         workers[1].fingerprint = FP_B
         wait_for(lambda: condition("qwen", "FingerprintMismatch").get("status") == "True", what="mismatch")
         status = status_of("qwen")
         assert [e["pod"] for e in status["endpoints"]] == ["qwen-worker-1"]
         assert "qwen-worker-2 reports " + FP_B in condition("qwen", "FingerprintMismatch")["message"]
+        assert [r["pod"] for r in status["replicas"] if r["matches"] is False] == ["qwen-worker-2"]
         assert status["phase"] == "Degraded"
+        assert wait_for(lambda: drift_metrics("qwen") == (1, 1), what="drift counted")
+        time.sleep(1.2)  # more folds while it stays drifted: the gauge holds, the counter does not climb
+        assert drift_metrics("qwen") == (1, 1)
         workers[1].fingerprint = FP_A
         wait_for(lambda: status_of("qwen").get("phase") == "Ready", what="recovered")
+        assert wait_for(lambda: drift_metrics("qwen") == (0, 1), what="drift gauge back to 0")
 
         # spec change of a pin -> rollout: new pins on the template, old pods keep serving
         old_pins = deployment.spec.template.metadata.labels["invariant.dev/pins"]
@@ -204,3 +239,19 @@ def test_invalid_spec_is_a_status_condition(operator):
         "numerics": {"image": IMAGE}, "engineArgs": []}})
     wait_for(lambda: apps.read_namespaced_deployment("bad-worker", NS), what="deployment after fix")
     wait_for(lambda: status_of("bad").get("phase") == "Pending", what="Pending after fix")
+
+
+@pytest.mark.parametrize("env,value,message", [
+    ("INVARIANT_OPERATOR_WORKER_INGRESS", "{not json", "INVARIANT_OPERATOR_WORKER_INGRESS is not JSON"),
+    ("INVARIANT_OPERATOR_METRICS_PORT", "http", "INVARIANT_OPERATOR_METRICS_PORT='http': expected a TCP port"),
+])
+def test_a_bad_setting_stops_the_operator_with_its_reason(cluster, monkeypatch, env, value, message):
+    monkeypatch.setenv(env, value)
+    started = time.monotonic()
+    with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "invariant.operator.handlers"],
+                    timeout=30, reraise=False) as runner:
+        runner._thread.join(timeout=20)  # the operator must end by itself, not when the test stops it
+    # it stops at start-up (no retrying for ever), and says why in one line
+    assert time.monotonic() - started < 25
+    assert runner.exit_code != 0 and runner.exception is not None
+    assert message in str(runner.exception.__cause__), repr(runner.exception.__cause__)

@@ -178,3 +178,47 @@ def test_worker_pods_meet_the_restricted_pod_security_standard(source):
     for c in pod["containers"] + pod.get("initContainers", []):
         assert {"name": "HOME", "value": "/tmp"} in c["env"]
         assert {"name": "scratch", "mountPath": "/tmp"} in c["volumeMounts"]
+
+
+GATEWAY_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "invariant"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/instance": "rel",
+                                                "app.kubernetes.io/component": "gateway"}}}
+
+
+def test_with_ingress_peers_only_they_reach_the_workers_port():
+    view = parse_spec("qwen", "models", dm_spec())
+    assert [c["kind"] for c in render_children(view, OWNER)] == ["Deployment", "Service"]  # no peers: no policy
+    children = render_children(view, OWNER, [GATEWAY_PEER])
+    policy = children[-1]
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"]["namespace"] == "models"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER["metadata"]["uid"]
+    deployment = children[0]
+    # the policy selects exactly the worker pods of this model
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["podSelector"] == {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [GATEWAY_PEER], "ports": [{"port": 8000, "protocol": "TCP"}]}]
+    assert render_children(view, OWNER, [])[-1]["spec"]["ingress"][0]["from"] == []  # [] admits none
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("{not json", "is not JSON"),
+    ('{"podSelector": {}}', "must be a JSON list"),
+    ('[{"podSelector": {}, "ports": []}]', "must be a JSON list"),
+    ("[{}]", "must be a JSON list"),
+    ('["gateway"]', "must be a JSON list"),
+])
+def test_bad_worker_ingress_settings_are_refused_in_one_line(raw, message):
+    from invariant.operator.render import parse_ingress_from
+
+    with pytest.raises(ValueError) as err:
+        parse_ingress_from(raw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_worker_ingress_settings_parse():
+    from invariant.operator.render import parse_ingress_from
+
+    assert parse_ingress_from(None) is None and parse_ingress_from("  ") is None
+    assert parse_ingress_from(json.dumps([GATEWAY_PEER, {"ipBlock": {"cidr": "10.0.0.0/8"}}])) == [
+        GATEWAY_PEER, {"ipBlock": {"cidr": "10.0.0.0/8"}}]

@@ -34,3 +34,41 @@ redis://:$(REDIS_PASSWORD)@{{ include "invariant.fullname" . }}-redis:6379/0
 {{- define "invariant.cacheSecret" -}}
 {{- .Values.cache.existingSecret | default (printf "%s-cache" (include "invariant.fullname" .)) -}}
 {{- end -}}
+
+{{/* What the operator does in a namespace it acts in: its DMs and their status, the worker
+     Deployment, Service and NetworkPolicy it applies, the pods it folds into status, events. */}}
+{{- define "invariant.operatorNamespacedRules" -}}
+- apiGroups: ["invariant.dev"]
+  resources: ["deterministicmodels"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["invariant.dev"]
+  resources: ["deterministicmodels/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/* The peers that may call worker pods (JSON, for INVARIANT_OPERATOR_WORKER_INGRESS): this release's
+     gateway and operator pods, from the release's namespace, and networkPolicy.workerFrom. */}}
+{{- define "invariant.workerIngress" -}}
+{{- $peers := list -}}
+{{- range $component := list "gateway" "operator" -}}
+{{- $peers = append $peers (dict
+      "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" $.Release.Namespace))
+      "podSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" $.Release.Name "app.kubernetes.io/component" $component))) -}}
+{{- end -}}
+{{- concat $peers .Values.networkPolicy.workerFrom | toJson -}}
+{{- end -}}
