@@ -23,6 +23,7 @@ class ModelPolicy:
 class GatewayConfig:
     models: dict[str, list[str]]
     redis_url: str
+    redis_ca_file: str | None = None  # rediss://: the CA that signed Redis's certificate
     policies: dict[str, ModelPolicy] = field(default_factory=dict)
     api_keys: KeyStore = field(default_factory=lambda: KeyStore(None))
     redis_timeout: float = 0.25

@@ -11,6 +11,7 @@ from typing import Any
 from invariant.gateway.app import create_app
 from invariant.gateway.config import GatewayConfig, ModelPolicy
 from invariant.gateway.discovery import NAMESPACES_ENV, parse_namespaces
+from invariant.gateway.store import tls_options
 from invariant.gateway.auth import KeyStore
 from invariant.contract import cache as cache_policy
 
@@ -73,8 +74,15 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         api_keys = KeyStore.from_file(keys_file)
     except (OSError, ValueError, KeyError) as exc:
         raise GatewayConfigError(f"cannot load API keys from {keys_file}: {exc}") from exc
+    ca_file = os.environ.get("INVARIANT_GATEWAY_REDIS_CA_FILE") or file.get("redis_ca_file") or None
+    try:
+        tls_options(url, ca_file)
+    except ValueError as exc:
+        raise GatewayConfigError(str(exc)) from None
+    if ca_file and not os.path.isfile(ca_file):
+        raise GatewayConfigError(f"INVARIANT_GATEWAY_REDIS_CA_FILE {ca_file}: no such file")
     return GatewayConfig(
-        models=models, redis_url=url, policies=policies, api_keys=api_keys,
+        models=models, redis_url=url, redis_ca_file=ca_file, policies=policies, api_keys=api_keys,
         redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.25))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
         discover=discover,

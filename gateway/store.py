@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -29,16 +29,32 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 """
 
 
+def tls_options(url: str, ca_file: str | None) -> dict[str, Any]:
+    """redis-py's TLS arguments for ``url`` (pure): none for ``redis://``; for ``rediss://`` the
+    certificate is required and checked, hostname included, against ``ca_file`` when one is given."""
+    if not url.startswith("rediss://"):
+        if ca_file:
+            raise ValueError(f"a Redis CA file ({ca_file}) is given but the Redis URL is not rediss://")
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if ca_file:
+        options["ssl_ca_certs"] = ca_file
+    return options
+
+
 class Store:
     def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.25, breaker_seconds: float = 2.0,
-                 l1_entries: int = 4096, l1_bytes: int = 256 << 20, entry_key: bytes = b""):
+                 l1_entries: int = 4096, l1_bytes: int = 256 << 20, entry_key: bytes = b"",
+                 tls_ca_file: str | None = None):
         self.url = url
+        # rediss://: verify Redis's certificate against this CA (else the system's) and its hostname.
+        self._tls = tls_options(url, tls_ca_file)
         self.entry_key = entry_key  # the HMAC secret of entries (gateway/entries.py)
         self.metrics = metrics
         self.timeout = timeout
         self.breaker_seconds = breaker_seconds
         self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                        retry_on_timeout=False, health_check_interval=0)
+                                        retry_on_timeout=False, health_check_interval=0, **self._tls)
         self._open_until = 0.0
         # This replica's copy of entries (raw bytes), expiring with their Redis TTL (wall clock).
         self._l1: Lru[str, bytes] = Lru(l1_entries, time.time, max_bytes=l1_bytes)
@@ -181,5 +197,5 @@ class Store:
     def _live_reader(self):
         if self._reader is None:
             self._reader = aioredis.from_url(self.url, socket_timeout=5.0, socket_connect_timeout=self.timeout,
-                                             retry_on_timeout=False, health_check_interval=0)
+                                             retry_on_timeout=False, health_check_interval=0, **self._tls)
         return self._reader

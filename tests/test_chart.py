@@ -32,6 +32,7 @@ VARIANTS = {
         "--set", "images.operator.digest=sha256:" + "1" * 64, "--set", "images.gateway.digest=sha256:" + "2" * 64,
         "--set", "operator.watchNamespaces={models,staging}", "--set", "redis.persistence.enabled=true",
         "--set", "gateway.apiKeysSecret=gateway-keys", "--set", "operator.logLevel=debug"],
+    "redis-tls": [*KEYS, "--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls"],
 }
 
 
@@ -190,6 +191,9 @@ def test_workers_and_the_operator_get_network_policies(helm):
     ([], "gateway.auth.required: set gateway.apiKeysSecret"),
     (["--set", "networkPolicy.gatewayFrom=x", *KEYS], "at '/networkPolicy/gatewayFrom'"),
     (["--set", "networkPolicy.workerFrom=x", *KEYS], "at '/networkPolicy/workerFrom'"),
+    (["--set", "redis.tls.enabled=true", *KEYS], "set redis.tls.existingSecret to a kubernetes.io/tls Secret"),
+    (["--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=t", "--set", "redis.enabled=false",
+      "--set", "redis.externalUrl=redis://cache:6379/0", *KEYS], "redis.externalUrl must be a rediss:// URL"),
     (["--set", "operator.metricsPort=8080", *KEYS], "at '/operator/metricsPort'"),
     (["--set", "operator.watchNamespaces={team-*}", *KEYS], "at '/operator/watchNamespaces/0'"),
 ])
@@ -316,3 +320,24 @@ def test_validator_control_rejects_a_broken_object(helm):
     dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolizy"] = "Always"  # unknown field
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+def test_redis_tls_closes_the_plaintext_port_and_the_gateway_verifies_redis(helm):
+    docs = template(helm, *VARIANTS["redis-tls"])
+    redis = by_kind_name(docs, "StatefulSet", "-redis")["spec"]["template"]["spec"]
+    command = redis["containers"][0]["command"]
+    assert command[command.index("--port") + 1] == "0" and command[command.index("--tls-port") + 1] == "6379"
+    assert command[-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert "--tls" in redis["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in redis["volumes"]}["tls"] == "redis-tls"
+    gateway = by_kind_name(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in gateway["containers"][0]["env"]}
+    assert env["REDIS_URL"] == "rediss://:$(REDIS_PASSWORD)@rel-invariant-redis:6379/0"
+    assert env["INVARIANT_GATEWAY_REDIS_CA_FILE"] == "/etc/invariant/redis-tls/ca.crt"
+    ca = next(v for v in gateway["volumes"] if v["name"] == "redis-tls")["secret"]
+    assert ca == {"secretName": "redis-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}  # never the key
+    mounts = {m["name"]: m["mountPath"] for m in gateway["containers"][0]["volumeMounts"]}
+    assert mounts == {"api-keys": "/etc/invariant/api-keys", "redis-tls": "/etc/invariant/redis-tls"}
+    # off by default: plaintext inside the NetworkPolicy, no CA file
+    plain = by_kind_name(template(helm, *KEYS), "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert "INVARIANT_GATEWAY_REDIS_CA_FILE" not in {e["name"] for e in plain["containers"][0]["env"]}

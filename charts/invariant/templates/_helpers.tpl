@@ -25,9 +25,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "invariant.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-redis://:$(REDIS_PASSWORD)@{{ include "invariant.fullname" . }}-redis:6379/0
+{{ if .Values.redis.tls.enabled }}rediss{{ else }}redis{{ end }}://:$(REDIS_PASSWORD)@{{ include "invariant.fullname" . }}-redis:6379/0
 {{- else -}}
-{{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
+{{- $url := required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
+{{- if and .Values.redis.tls.enabled (not (hasPrefix "rediss://" $url)) -}}
+{{- fail "redis.tls.enabled: redis.externalUrl must be a rediss:// URL" -}}
+{{- end -}}
+{{- $url -}}
 {{- end -}}
 {{- end -}}
 
@@ -71,4 +75,9 @@ redis://:$(REDIS_PASSWORD)@{{ include "invariant.fullname" . }}-redis:6379/0
       "podSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" $.Release.Name "app.kubernetes.io/component" $component))) -}}
 {{- end -}}
 {{- concat $peers .Values.networkPolicy.workerFrom | toJson -}}
+{{- end -}}
+
+{{/* The TLS Secret (required with redis.tls.enabled). */}}
+{{- define "invariant.redisTlsSecret" -}}
+{{- required "redis.tls.enabled: set redis.tls.existingSecret to a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" .Values.redis.tls.existingSecret -}}
 {{- end -}}
