@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from invariant.contract import routes
 from invariant.gateway.call import CallError
 from invariant.gateway.config import PATHS, GatewayConfig
+from invariant.gateway import openapi
 from invariant.gateway.errors import openai_error
 from invariant.gateway.keys import RequestError, parse_json
 from invariant.gateway.service import Gateway
@@ -47,11 +48,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         log.error("unhandled error on %s: %s", request.url.path, exc, exc_info=exc)
         return openai_error(500, "The gateway failed on this request (logged).", "server_error", "internal_error")
 
-    @app.post(routes.COMPLETIONS)
+    @app.post(routes.COMPLETIONS, openapi_extra=openapi.body(openapi.COMPLETIONS_BODY))
     async def completions(request: Request) -> Response:
         return await gateway.handle("completions", request)
 
-    @app.post(routes.CHAT_COMPLETIONS)
+    @app.post(routes.CHAT_COMPLETIONS, openapi_extra=openapi.body(openapi.CHAT_BODY))
     async def chat(request: Request) -> Response:
         return await gateway.handle("chat", request)
 
@@ -83,7 +84,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(routes.VERIFY)
+    @app.post(routes.VERIFY, openapi_extra=openapi.body(openapi.VERIFY_BODY))
     async def verify(request: Request) -> Response:
         admitted = await gateway.admit(request)  # a replay is a generation: key, rate and size apply
         if isinstance(admitted, Response):
