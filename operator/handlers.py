@@ -16,9 +16,9 @@ from typing import Any
 import kopf
 
 from invariant.operator import kube, metrics
-from invariant.operator.render import LABEL_MODEL, parse_ingress_from, pins_hash, render_children
+from invariant.operator.render import LABEL_MODEL, LABEL_SERVING, parse_ingress_from, pins_hash, render_children
 from invariant.operator.spec import API_GROUP, API_VERSION, PLURAL, SpecError, parse_spec
-from invariant.operator.status import fold_status, invalid_status, pod_view
+from invariant.operator.status import fold_status, invalid_status, pod_view, serving_label_changes
 
 STATUS_INTERVAL = float(os.environ.get("INVARIANT_OPERATOR_STATUS_INTERVAL", "10"))
 FINGERPRINT_TIMEOUT = float(os.environ.get("INVARIANT_OPERATOR_FINGERPRINT_TIMEOUT", "3"))
@@ -96,12 +96,19 @@ def fold(spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, status: ko
         view = parse_spec(name, namespace, dict(spec))
     except SpecError:
         return  # reconcile() already reported it
-    pods = [pod_view(p) for p in kube.list_pods(namespace, f"{LABEL_MODEL}={name}")]
+    raw_pods = kube.list_pods(namespace, f"{LABEL_MODEL}={name}")
+    pods = [pod_view(p) for p in raw_pods]
     observed = {p.name: kube.fetch_fingerprint(p.url, FINGERPRINT_TIMEOUT) for p in pods if p.ready and p.url}
     new = fold_status(previous=dict(status), generation=meta.get("generation", 0), desired_replicas=view.replicas,
                       pins=pins_hash(view), expected_fingerprint=view.numerics.expected_fingerprint, pods=pods,
                       observed=observed, now=_now())
     metrics.record(namespace, name, metrics.drifted_pods(new))
+    # Only verified pods stay behind the worker Service: a drifted or unverified one is taken out.
+    for pod, value in serving_label_changes(raw_pods, new, LABEL_SERVING).items():
+        try:
+            kube.label_pod(namespace, pod, LABEL_SERVING, value)
+        except Exception as exc:  # noqa: BLE001 - a pod gone meanwhile; the next fold retries
+            log.info("could not label pod %s/%s: %s", namespace, pod, exc)
     current = {k: status.get(k) for k in new}
     if current != new:
         patch.status.update(new)

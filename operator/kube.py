@@ -42,6 +42,13 @@ def apply(manifest: dict[str, Any]) -> None:
         raise ValueError(f"cannot apply kind {manifest['kind']}")
 
 
+def label_pod(namespace: str, name: str, label: str, value: str | None) -> None:
+    """Set (or, with None, remove) one label of a pod: a merge patch of that label alone."""
+    from kubernetes import client
+
+    client.CoreV1Api().patch_namespaced_pod(name, namespace, {"metadata": {"labels": {label: value}}})
+
+
 def list_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
     from kubernetes import client
 

@@ -19,6 +19,9 @@ WORKER_PORT = 8000
 MODEL_MOUNT = "/model"
 LABEL_MODEL = f"{API_GROUP}/model"
 LABEL_PINS = f"{API_GROUP}/pins"
+# Set by the operator on a worker pod once its reported fingerprint matches the declared one, and
+# removed when it drifts: the worker Service selects it, so only verified pods receive its traffic.
+LABEL_SERVING = f"{API_GROUP}/serving"
 ANNOTATION_PORT = f"{API_GROUP}/worker-port"
 FIELD_MANAGER = "invariant-operator"
 
@@ -169,7 +172,7 @@ def render_service(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, Any]
         "kind": "Service",
         "metadata": {"name": worker_name(view), "namespace": view.namespace, "labels": common_labels(view),
                      "ownerReferences": [owner_reference(owner)]},
-        "spec": {"type": "ClusterIP", "selector": selector_labels(view),
+        "spec": {"type": "ClusterIP", "selector": {**selector_labels(view), LABEL_SERVING: "true"},
                  "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http", "protocol": "TCP"}]},
     }
 

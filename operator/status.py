@@ -142,3 +142,19 @@ def fold_status(
         "endpoints": endpoints,
         "conditions": conditions,
     }
+
+
+def serving_label_changes(pods: list[Mapping[str, Any]], status: Mapping[str, Any], label: str
+                          ) -> dict[str, str | None]:
+    """Pod name -> the serving label's new value ("true", or None to remove it), for the pods whose
+    label disagrees with the folded status: a pod serves while it is one of the endpoints (ready,
+    and its fingerprint matches), pure."""
+    serving = {e["pod"] for e in status.get("endpoints") or []}
+    changes: dict[str, str | None] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        has = (meta.get("labels") or {}).get(label) == "true"
+        want = meta.get("name") in serving
+        if has != want:
+            changes[meta["name"]] = "true" if want else None
+    return changes

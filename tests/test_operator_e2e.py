@@ -119,6 +119,11 @@ def condition(name, ctype):
     return next((c for c in status_of(name).get("conditions", []) if c["type"] == ctype), {})
 
 
+def serving_pods() -> list[str]:
+    return sorted(p.metadata.name for p in client.CoreV1Api().list_namespaced_pod(NS).items
+                  if (p.metadata.labels or {}).get("invariant.dev/serving") == "true")
+
+
 def add_pod(deployment: dict, name: str, worker: FakeWorker) -> None:
     """Do the kubelet's job: a pod from the Deployment's template, running and ready."""
     template = deployment.spec.template
@@ -168,6 +173,10 @@ def test_lifecycle(operator):
         assert sorted(e["url"] for e in status["endpoints"]) == sorted(
             f"http://127.0.0.1:{w.port}" for w in workers[:2])
         assert condition("qwen", "Ready")["status"] == "True"
+        # verified pods are labelled serving: the worker Service selects only them
+        service = core.read_namespaced_service("qwen-worker", NS)
+        assert service.spec.selector["invariant.dev/serving"] == "true"
+        assert wait_for(lambda: serving_pods() == ["qwen-worker-1", "qwen-worker-2"], what="serving labels")
         assert wait_for(lambda: drift_metrics("qwen")[0] == 0, what="drift gauge 0")
         assert drift_metrics("qwen")[1] == 0
 
@@ -180,11 +189,13 @@ def test_lifecycle(operator):
         assert [r["pod"] for r in status["replicas"] if r["matches"] is False] == ["qwen-worker-2"]
         assert status["phase"] == "Degraded"
         assert wait_for(lambda: drift_metrics("qwen") == (1, 1), what="drift counted")
+        assert wait_for(lambda: serving_pods() == ["qwen-worker-1"], what="drifted pod out of the Service")
         time.sleep(1.2)  # more folds while it stays drifted: the gauge holds, the counter does not climb
         assert drift_metrics("qwen") == (1, 1)
         workers[1].fingerprint = FP_A
         wait_for(lambda: status_of("qwen").get("phase") == "Ready", what="recovered")
         assert wait_for(lambda: drift_metrics("qwen") == (0, 1), what="drift gauge back to 0")
+        assert wait_for(lambda: serving_pods() == ["qwen-worker-1", "qwen-worker-2"], what="back in the Service")
 
         # spec change of a pin -> rollout: new pins on the template, old pods keep serving
         old_pins = deployment.spec.template.metadata.labels["invariant.dev/pins"]

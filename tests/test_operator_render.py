@@ -43,7 +43,8 @@ def test_deployment_carries_every_pin():
                                                    "name": "qwen", "uid": "1234-uid", "controller": True,
                                                    "blockOwnerDeletion": True}]
     assert dep["spec"]["template"]["metadata"]["annotations"][ANNOTATION_PORT] == "8000"
-    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # the Service takes the Deployment's pods the operator verified (serving label), no others
+    assert svc["spec"]["selector"] == {**dep["spec"]["selector"]["matchLabels"], "invariant.dev/serving": "true"}
     assert svc["metadata"]["ownerReferences"] == dep["metadata"]["ownerReferences"]
 
 

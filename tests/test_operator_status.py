@@ -104,3 +104,19 @@ def test_pod_view_reads_pod_objects():
     terminating = pod_view({"metadata": {"name": "w", "deletionTimestamp": "t"},
                             "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert not terminating.ready and terminating.url is None
+
+
+def test_only_the_endpoints_carry_the_serving_label():
+    from invariant.operator.status import serving_label_changes
+
+    label = "invariant.dev/serving"
+
+    def pod(name, serving):
+        return {"metadata": {"name": name, "labels": {label: "true"} if serving else {}}}
+
+    status = {"endpoints": [{"pod": "a"}, {"pod": "b"}]}
+    pods = [pod("a", True), pod("b", False), pod("c", True), pod("d", False)]
+    # b becomes verified: labelled; c drifted or unready: unlabelled; a and d are left alone
+    assert serving_label_changes(pods, status, label) == {"b": "true", "c": None}
+    assert serving_label_changes([pod("a", True), pod("b", True)], status, label) == {}
+    assert serving_label_changes(pods, {"endpoints": []}, label) == {"a": None, "c": None}
