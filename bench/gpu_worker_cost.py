@@ -43,7 +43,8 @@ def prompt(i: int, load: str = "default") -> str | list[int]:
     """``default``: ~256 tokens of text; ``prefill``: 2,048-3,847 token ids (exact lengths, under the
     made models' 4,096 positions), distinct per request so no prefix cache helps."""
     if load == "prefill":
-        return [(i * 7919 + j * 31) % 4000 + 16 for j in range(2048 + (i * 331) % 1800)]
+        # ids 16-1015: inside the made models' 1,024-token vocabulary
+        return [(i * 7919 + j * 31) % 1000 + 16 for j in range(2048 + (i * 331) % 1800)]
     return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(200 + i % 17))
 
 
@@ -97,7 +98,9 @@ def measure(model: str, out: Path, loads: tuple[str, ...] = tuple(LOADS)) -> dic
         port = 8100 + len(rows)
         url = f"http://127.0.0.1:{port}"
         log = out / f"worker_{label.replace('+', '_')}.log"
-        proc = start_worker(model, port, log, "--engine-arg=--gpu-memory-utilization=0.5", *extra, name="m")
+        # 4,096 positions (the made models have as many): the prefill load sends up to 3,847 tokens
+        proc = start_worker(model, port, log, "--engine-arg=--gpu-memory-utilization=0.5", *extra, name="m",
+                            max_model_len=4096)
         try:
             t0 = time.monotonic()
             ready = wait_ready(proc, url, log, timeout=900)
