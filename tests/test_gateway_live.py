@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -142,14 +143,30 @@ def test_a_longer_request_does_not_join_a_shorter_generation(gateway, worker):
     assert sum(tokens_in(x) for x in follow_lines) == LONG
 
 
+def _redis_errors(gw) -> float:
+    text = httpx.get(f"{gw.url}/metrics").text
+    return sum(float(v) for v in re.findall(r'invariant_gateway_redis_errors_total\{[^}]*\} ([0-9.e+]+)', text))
+
+
 def test_a_follower_on_another_replica_follows_through_redis(worker_pair, redis_server, tmp_path):  # noqa: F811
     a, b = Gateway(worker_pair, redis_server.url, tmp_path), Gateway(worker_pair, redis_server.url, tmp_path)
     try:
         payload = body(worker_pair[0], "Two replicas share one live generation")
-        (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _), generations = asyncio.run(
-            leader_and_follower(f"{a.url}/v1/completions", f"{b.url}/v1/completions", payload,
-                                calls=lambda: a.upstream_calls() + b.upstream_calls()))
-        assert lh["x-invariant-cache"] == "MISS" and fh["x-invariant-cache"] == "COALESCED"
+        for attempt in range(3):
+            if attempt:
+                _retag(payload, 10 + attempt)
+            errors = _redis_errors(a) + _redis_errors(b)
+            (lh, lead_lines, _, lead_end), (fh, follow_lines, follow_first, _), generations = asyncio.run(
+                leader_and_follower(f"{a.url}/v1/completions", f"{b.url}/v1/completions", payload,
+                                    calls=lambda: a.upstream_calls() + b.upstream_calls()))
+            # Following needs the leader's lock in Redis: on a 2-core machine loaded by two engines a
+            # Redis call can time out (the gateway then, rightly, generates without it: a MISS on
+            # both). That is the fault path, tested in test_gateway_faults.py; here, try again.
+            if fh["x-invariant-cache"] == "MISS" and _redis_errors(a) + _redis_errors(b) > errors:
+                continue
+            break
+        assert lh["x-invariant-cache"] == "MISS" and fh["x-invariant-cache"] == "COALESCED", (
+            lh["x-invariant-cache"], fh["x-invariant-cache"], _redis_errors(a), _redis_errors(b))
         assert generations == 1
         assert follow_first < lead_end
         assert canonical(follow_lines) == canonical(lead_lines)
