@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from typing import Any
 
 from invariant.gateway.config import ModelPolicy
@@ -20,7 +19,6 @@ from invariant.contract import cache as contract_cache, crd
 
 log = logging.getLogger("invariant.gateway")
 GROUP, VERSION, PLURAL = crd.GROUP, crd.VERSION, crd.PLURAL
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _served_name(obj: dict[str, Any]) -> str:
@@ -81,7 +79,7 @@ def parse_namespaces(raw: str | None) -> tuple[str, ...]:
     cluster-wide list would be refused, and a DeterministicModel elsewhere is never routed to."""
     names = tuple(dict.fromkeys(n.strip() for n in (raw or "").split(",") if n.strip()))
     for name in names:
-        if not _NAMESPACE.fullmatch(name):
+        if not crd.DNS_LABEL.fullmatch(name):
             raise ValueError(f"{NAMESPACES_ENV}: {name!r} is not a namespace name")
     return names
 

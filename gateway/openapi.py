@@ -3,7 +3,8 @@
 The routes read raw bytes (the body is size-checked while it arrives, parsed strictly and keyed
 exactly; a pydantic model would coerce what must be refused), so FastAPI cannot derive these. They
 describe what the gateway itself checks; other OpenAI fields pass through to vLLM, which checks them
-(``additionalProperties`` stays open). Fuzzers read them from /openapi.json (tests/test_gateway_openapi_fuzz.py).
+(``additionalProperties`` stays open). Fuzzers read them from /openapi.json
+(tests/test_gateway_hostile.py, with schemathesis).
 """
 
 from __future__ import annotations

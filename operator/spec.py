@@ -21,7 +21,7 @@ HF_REVISION = re.compile(r"^[0-9a-f]{40}$")
 HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 DRIVER_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 FINGERPRINT = re.compile(fingerprint.PATTERN)
-DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
+DNS_LABEL = crd.DNS_LABEL
 DTYPES = ("bfloat16", "float16", "float32")
 SHARING = cache_policy.SHARING
 
