@@ -183,12 +183,12 @@ HQ, HKV, D, PAGE = (8, 2, 128, 16) if ON_GPU else (2, 1, 16, 16)
 class Cache:
     """Random K/V in a paged cache with shuffled pages, as vLLM lays them out."""
 
-    def __init__(self, lens: list[int], seed: int):
+    def __init__(self, lens: list[int], seed: int, dtype: torch.dtype = torch.bfloat16):
         self.lens = lens
         pages = [-(-n // PAGE) for n in lens]
         total = sum(pages) + 2
-        self.k = randn(total, PAGE, HKV, D, dtype=torch.bfloat16, seed=seed)
-        self.v = randn(total, PAGE, HKV, D, dtype=torch.bfloat16, seed=seed + 1)
+        self.k = randn(total, PAGE, HKV, D, dtype=dtype, seed=seed)
+        self.v = randn(total, PAGE, HKV, D, dtype=dtype, seed=seed + 1)
         order = torch.randperm(total, generator=gen(seed)).tolist()
         self.table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
         i = 0
@@ -197,7 +197,7 @@ class Cache:
                 self.table[b, p] = order[i]
                 i += 1
         self.table = self.table.to(DEVICE)
-        self.q = [randn(n, HQ, D, dtype=torch.bfloat16, seed=seed + 10 + b) for b, n in enumerate(lens)]
+        self.q = [randn(n, HQ, D, dtype=dtype, seed=seed + 10 + b) for b, n in enumerate(lens)]
 
     def run(self, seqs: list[int], q_lens: list[int], upto: list[int] | None = None) -> list[torch.Tensor]:
         """Attention for the last ``q_len`` tokens of each listed sequence, with ``upto`` tokens in
@@ -243,14 +243,49 @@ def test_control_a_kv_split_count_instead_of_size_is_detected():
     long = configs.ATTN_SPLIT + 90
     cache = Cache([long], seed=40)
     whole = cache.run([0], [long])[0]
-    saved = configs.ATTN_SPLIT
+    saved = configs.ATTN_SPLIT, configs.ATTN_BLOCK_N
     try:
-        configs.ATTN_SPLIT = 64  # what a count of splits means for a batch of one short decode
+        configs.ATTN_SPLIT = configs.ATTN_BLOCK_N = 64  # what a count of splits means for one short decode
         decoded = cache.run([0], [1])[0][0]
     finally:
-        configs.ATTN_SPLIT = saved
+        configs.ATTN_SPLIT, configs.ATTN_BLOCK_N = saved
     assert not torch.equal(decoded, whole[-1])
     assert torch.equal(cache.run([0], [1])[0][0], whole[-1])
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Splits of 16 tokens folded 2 at a time: a short row then has several fold chunks, as a 32k
+    row has at the pinned sizes (cheap enough for the interpreter)."""
+    monkeypatch.setattr(configs, "ATTN_SPLIT", 16)
+    monkeypatch.setattr(configs, "ATTN_BLOCK_N", 16)
+    monkeypatch.setattr(configs, "ATTN_COMBINE_CHUNK", 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp32 keeps the fold's last bits
+def test_attention_folds_many_splits_in_chunks_in_one_order(small_splits, dtype):
+    lens = [16 * 5 + 3, 40, 16 * 2]  # 6 splits (3 fold chunks), 3 (a chunk half masked), 2 (one chunk)
+    cache = Cache(lens, seed=60, dtype=dtype)
+    whole = cache.run([0, 1, 2], lens)
+    for s in range(3):  # (fp32 tl.dot is TF32 on the GPU: bf16's bound for both)
+        assert rel(whole[s], cache.reference(s)) < TOL[torch.bfloat16]
+    assert torch.equal(cache.run([0], [1])[0][0], whole[0][-1])
+    mixed = cache.run([1, 0, 2], [1, 1, 5])
+    assert torch.equal(mixed[0][0], whole[1][-1]) and torch.equal(mixed[1][0], whole[0][-1])
+    assert torch.equal(mixed[2], whole[2][-5:])
+
+
+def test_control_a_fold_width_chosen_from_the_batch_is_detected(small_splits):
+    """A fold width that follows the batch (wider when a longer row is in it, as a block size taken
+    from the batch's split count would be) adds the same partials in another tree: the comparison
+    above sees it."""
+    lens = [16 * 5 + 3, 16 * 12]
+    cache = Cache(lens, seed=61, dtype=torch.float32)  # an fp32 output keeps the last bits of the fold
+    alone = cache.run([0], [1])[0][0]
+    configs.ATTN_COMBINE_CHUNK = 4  # the batch holds a 12-split row
+    assert not torch.equal(cache.run([0, 1], [1, 1])[0][0], alone)
+    configs.ATTN_COMBINE_CHUNK = 2
+    assert torch.equal(cache.run([0, 1], [1, 1])[0][0], alone)
 
 
 # --- the device's own control ---------------------------------------------------------------------

@@ -5,7 +5,9 @@ a count), each split walked in ``ATTN_BLOCK_N`` blocks with an online softmax, a
 results folded in split order by a second kernel. A query at position p therefore reduces over the
 same blocks in the same order whether its keys were cached or computed in this step, whether it is
 decoded alone or prefilled with 4,000 other tokens, and whatever else is in the batch: blocks that a
-longer row of the same tile needs but this row does not are fully masked and add exact zeros.
+longer row of the same tile needs but this row does not are fully masked and add exact zeros. The
+fold takes ``ATTN_COMBINE_CHUNK`` splits at a time (a fixed width, lanes past the row's own splits
+masked), so long rows fold in a few vector steps.
 
 Rows of a tile are (query token, query head of the KV head's group) pairs, so a KV block is read once
 for the whole GQA group. One block shape and warp count for every call (``configs``): the reduction
@@ -115,7 +117,11 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
 
 @triton.jit
 def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot, s_oh,
-                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr):
+                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, CS: tl.constexpr):
+    """Fold a query row's splits, ``CS`` at a time: a chunk's partials are summed as one vector (a
+    tree fixed by ``CS`` and the layout), the chunk sums in chunk order. Which lanes of a chunk hold
+    splits depends on the row's own position only, so the order is the row's, whatever the batch;
+    the chunks make a 32k-token row's 64 splits a few wide loads instead of 64 dependent ones."""
     tok = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.load(token_seq + tok)
@@ -123,34 +129,48 @@ def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot
     q_len = tl.load(qsl + b + 1) - q0
     pos = tl.load(seq_lens + b) - q_len + (tok - q0)
     n = pos // SPLIT + 1
-    mx = tl.load(m_ws + tok * HQ + head)
-    for s in range(1, n):
-        mx = tl.maximum(mx, tl.load(m_ws + (s * T + tok) * HQ + head))
+    c = tl.arange(0, CS)
     d = tl.arange(0, BD)
-    total = 0.0
-    acc = tl.zeros((BD,), dtype=tl.float32)
-    for s in range(0, n):
-        w = tl.exp2(tl.load(m_ws + (s * T + tok) * HQ + head) - mx)
-        total += tl.load(l_ws + (s * T + tok) * HQ + head) * w
-        acc += tl.load(acc_ws + ((s * T + tok) * HQ + head) * D + d, mask=d < D, other=0.0) * w
-    tl.store(out + tok * s_ot + head * s_oh + d, (acc / total).to(out.dtype.element_ty), mask=d < D)
+    d_ok = d < D
+    ok = c < n
+    mx = tl.max(tl.load(m_ws + (c * T + tok) * HQ + head, mask=ok, other=float("-inf")), axis=0)
+    for s0 in range(CS, n, CS):  # max is exact in any order
+        sp = s0 + c
+        mx = tl.maximum(mx, tl.max(tl.load(m_ws + (sp * T + tok) * HQ + head, mask=sp < n,
+                                           other=float("-inf")), axis=0))
+    w = tl.exp2(tl.load(m_ws + (c * T + tok) * HQ + head, mask=ok, other=float("-inf")) - mx)
+    total = tl.sum(tl.load(l_ws + (c * T + tok) * HQ + head, mask=ok, other=0.0) * w, axis=0)
+    acc = tl.sum(tl.load(acc_ws + ((c * T + tok) * HQ + head)[:, None] * D + d[None, :],
+                         mask=ok[:, None] & d_ok[None, :], other=0.0) * w[:, None], axis=0)
+    for s0 in range(CS, n, CS):
+        sp = s0 + c
+        sp_ok = sp < n
+        w = tl.exp2(tl.load(m_ws + (sp * T + tok) * HQ + head, mask=sp_ok, other=float("-inf")) - mx)
+        total += tl.sum(tl.load(l_ws + (sp * T + tok) * HQ + head, mask=sp_ok, other=0.0) * w, axis=0)
+        acc += tl.sum(tl.load(acc_ws + ((sp * T + tok) * HQ + head)[:, None] * D + d[None, :],
+                              mask=sp_ok[:, None] & d_ok[None, :], other=0.0) * w[:, None], axis=0)
+    tl.store(out + tok * s_ot + head * s_oh + d, (acc / total).to(out.dtype.element_ty), mask=d_ok)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float | None = None,
-                    plan_: Plan | None = None, _shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                    plan_: Plan | None = None, _shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [T, Hq, D] (the batch's query tokens, packed by sequence, each
     sequence's last ``q_len`` positions) over ``k_cache``/``v_cache`` [blocks, page, Hkv, D]
     through ``block_table`` [B, pages]; ``seq_lens`` [B] counts cached plus new tokens.
-    (``_shape`` = (block_m, block_n, split, warps) overrides the pinned shape: benchmarks only.)"""
-    bm, bn, split, warps = _shape or (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT,
-                                      configs.ATTN_WARPS)
+    (``_shape`` = (block_m, block_n, split, warps[, combine chunk]) overrides the pinned shape:
+    benchmarks only; each is another numerics.)"""
+    pinned = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS,
+              configs.ATTN_COMBINE_CHUNK)
+    bm, bn, split, warps, cs = (*_shape, *pinned[len(_shape):]) if _shape else pinned
     arch_of(q.device)
     T, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
     if HQ % HKV:
         raise ValueError(f"paged_attention: {HQ} query heads are not a multiple of {HKV} KV heads")
     G = HQ // HKV
+    if split % bn:
+        raise ValueError(f"paged_attention: the KV split ({split}) is not a multiple of the block ({bn})")
     if bm % G:
         raise ValueError(f"paged_attention: GQA group {G} does not divide the row tile {bm}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -172,5 +192,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         PAGE=page, G=G, D=D, BD=BD, BM=bm, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
     _attn_combine[(T, HQ)](out, m_ws, l_ws, acc_ws, seq_lens, query_start_loc, p.token_seq, T, HQ,
-                           out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=split, num_warps=1)
+                           out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=split, CS=cs,
+                           num_warps=1 if cs <= 8 else 4)
     return out

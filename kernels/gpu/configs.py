@@ -35,6 +35,7 @@ ATTN_BLOCK_M = 16  # rows = (query token, GQA head) pairs; decode fills 1 token 
 ATTN_BLOCK_N = 128
 ATTN_WARPS = 4
 ATTN_SPLIT = 512  # tokens per KV split (a size, never a count)
+ATTN_COMBINE_CHUNK = 16  # splits folded as one vector (a fixed width: the tree never follows the batch)
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
 
@@ -101,7 +102,7 @@ def identity(arch: str = "sm90") -> dict[str, str]:
         digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     pinned = dict(MM_BLOCK_K=MM_BLOCK_K, MM_CHUNK_K=MM_CHUNK_K, ATTN_BLOCK_M=ATTN_BLOCK_M,
                   ATTN_BLOCK_N=ATTN_BLOCK_N, ATTN_WARPS=ATTN_WARPS, ATTN_SPLIT=ATTN_SPLIT,
-                  ROW_BLOCK_MAX=ROW_BLOCK_MAX)
+                  ATTN_COMBINE_CHUNK=ATTN_COMBINE_CHUNK, ROW_BLOCK_MAX=ROW_BLOCK_MAX)
     try:
         import triton
 
