@@ -223,8 +223,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--dry-run", action="store_true", help="Triton's interpreter on the CPU, tiny shapes")
+    ap.add_argument("--render", type=Path, help="only write .md and .png from this JSON (a run cut short)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        res = json.loads(args.render.read_text())
+        (args.out / "gpu_attention.md").write_text(markdown(res))
+        plot(res, args.out / "gpu_attention.png")
+        return
     import triton
 
     shapes = list(dict.fromkeys([pinned(), *CANDIDATES]))
