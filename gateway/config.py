@@ -24,6 +24,8 @@ class GatewayConfig:
     models: dict[str, list[str]]
     redis_url: str
     redis_ca_file: str | None = None  # rediss://: the CA that signed Redis's certificate
+    redis_cert_file: str | None = None  # rediss:// with mutual TLS: our client certificate
+    redis_key_file: str | None = None  # ... and its key
     policies: dict[str, ModelPolicy] = field(default_factory=dict)
     api_keys: KeyStore = field(default_factory=lambda: KeyStore(None))
     redis_timeout: float = 0.25

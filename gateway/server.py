@@ -74,15 +74,18 @@ def build_config(*, model_flags: list[str], redis_url: str | None, config_file: 
         api_keys = KeyStore.from_file(keys_file)
     except (OSError, ValueError, KeyError) as exc:
         raise GatewayConfigError(f"cannot load API keys from {keys_file}: {exc}") from exc
-    ca_file = os.environ.get("INVARIANT_GATEWAY_REDIS_CA_FILE") or file.get("redis_ca_file") or None
+    tls_files = {name: os.environ.get(f"INVARIANT_GATEWAY_REDIS_{name}_FILE") or file.get(f"redis_{name.lower()}_file")
+                 or None for name in ("CA", "CERT", "KEY")}
     try:
-        tls_options(url, ca_file)
+        tls_options(url, tls_files["CA"], tls_files["CERT"], tls_files["KEY"])
     except ValueError as exc:
         raise GatewayConfigError(str(exc)) from None
-    if ca_file and not os.path.isfile(ca_file):
-        raise GatewayConfigError(f"INVARIANT_GATEWAY_REDIS_CA_FILE {ca_file}: no such file")
+    for name, path in tls_files.items():
+        if path and not os.path.isfile(path):
+            raise GatewayConfigError(f"INVARIANT_GATEWAY_REDIS_{name}_FILE {path}: no such file")
     return GatewayConfig(
-        models=models, redis_url=url, redis_ca_file=ca_file, policies=policies, api_keys=api_keys,
+        models=models, redis_url=url, redis_ca_file=tls_files["CA"], redis_cert_file=tls_files["CERT"],
+        redis_key_file=tls_files["KEY"], policies=policies, api_keys=api_keys,
         redis_timeout=float(os.environ.get("INVARIANT_GATEWAY_REDIS_TIMEOUT", file.get("redis_timeout", 0.25))),
         max_body_bytes=int(os.environ.get("INVARIANT_GATEWAY_MAX_BODY_BYTES", file.get("max_body_bytes", 1 << 20))),
         discover=discover,

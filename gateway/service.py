@@ -62,7 +62,8 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.store = Store(config.redis_url, self.metrics, timeout=config.redis_timeout, entry_key=config.entry_key,
-                           l1_bytes=config.l1_bytes, tls_ca_file=config.redis_ca_file)
+                           l1_bytes=config.l1_bytes, tls_ca_file=config.redis_ca_file,
+                           tls_cert_file=config.redis_cert_file, tls_key_file=config.redis_key_file)
         self.upstreams = Upstreams(config.models, check_interval=config.check_interval)
         if not config.entry_key:
             log.warning("no INVARIANT_GATEWAY_ENTRY_KEY: Redis entries carry a checksum, not a signature; "

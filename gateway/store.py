@@ -29,26 +29,38 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 """
 
 
-def tls_options(url: str, ca_file: str | None) -> dict[str, Any]:
+def tls_options(url: str, ca_file: str | None, cert_file: str | None = None,
+                key_file: str | None = None) -> dict[str, Any]:
     """redis-py's TLS arguments for ``url`` (pure): none for ``redis://``; for ``rediss://`` the
-    certificate is required and checked, hostname included, against ``ca_file`` when one is given."""
+    certificate is required and checked, hostname included, against ``ca_file`` when one is given,
+    and ``cert_file`` + ``key_file`` are this client's certificate for a Redis that asks for one
+    (``--tls-auth-clients yes``: mutual TLS)."""
     if not url.startswith("rediss://"):
-        if ca_file:
-            raise ValueError(f"a Redis CA file ({ca_file}) is given but the Redis URL is not rediss://")
+        given = [f for f in (ca_file, cert_file, key_file) if f]
+        if given:
+            what = "CA file" if ca_file else "client certificate"
+            raise ValueError(f"a Redis {what} ({given[0]}) is given but the Redis URL is not rediss://")
         return {}
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a Redis client certificate needs its key and a key its certificate "
+                         f"(certificate {cert_file or 'missing'}, key {key_file or 'missing'})")
     options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
     if ca_file:
         options["ssl_ca_certs"] = ca_file
+    if cert_file:
+        options["ssl_certfile"], options["ssl_keyfile"] = cert_file, key_file
     return options
 
 
 class Store:
     def __init__(self, url: str, metrics: Metrics, *, timeout: float = 0.25, breaker_seconds: float = 2.0,
                  l1_entries: int = 4096, l1_bytes: int = 256 << 20, entry_key: bytes = b"",
-                 tls_ca_file: str | None = None):
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None):
         self.url = url
-        # rediss://: verify Redis's certificate against this CA (else the system's) and its hostname.
-        self._tls = tls_options(url, tls_ca_file)
+        # rediss://: verify Redis's certificate against this CA (else the system's) and its hostname;
+        # with a client certificate, Redis verifies ours too.
+        self._tls = tls_options(url, tls_ca_file, tls_cert_file, tls_key_file)
         self.entry_key = entry_key  # the HMAC secret of entries (gateway/entries.py)
         self.metrics = metrics
         self.timeout = timeout

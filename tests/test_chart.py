@@ -33,6 +33,8 @@ VARIANTS = {
         "--set", "operator.watchNamespaces={models,staging}", "--set", "redis.persistence.enabled=true",
         "--set", "gateway.apiKeysSecret=gateway-keys", "--set", "operator.logLevel=debug"],
     "redis-tls": [*KEYS, "--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls"],
+    "redis-mtls": [*KEYS, "--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls",
+                   "--set", "redis.tls.clientSecret=gateway-redis-client"],
 }
 
 
@@ -342,3 +344,26 @@ def test_redis_tls_closes_the_plaintext_port_and_the_gateway_verifies_redis(helm
     # off by default: plaintext inside the NetworkPolicy, no CA file
     plain = by_kind_name(template(helm, *KEYS), "Deployment", "-gateway")["spec"]["template"]["spec"]
     assert "INVARIANT_GATEWAY_REDIS_CA_FILE" not in {e["name"] for e in plain["containers"][0]["env"]}
+    assert command[command.index("--tls-auth-clients") + 1] == "no"  # TLS alone: the password authenticates
+
+
+def test_redis_mutual_tls_takes_only_the_gateway_certificate(helm):
+    docs = template(helm, *VARIANTS["redis-mtls"])
+    redis = by_kind_name(docs, "StatefulSet", "-redis")["spec"]["template"]["spec"]
+    command = redis["containers"][0]["command"]
+    assert command[command.index("--tls-auth-clients") + 1] == "yes"
+    probe = redis["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert probe[probe.index("--cert") + 1] == "/etc/redis/tls/tls.crt" and probe[-1] == "ping"
+    gateway = by_kind_name(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in gateway["containers"][0]["env"]}
+    assert env["INVARIANT_GATEWAY_REDIS_CERT_FILE"] == "/etc/invariant/redis-client/tls.crt"
+    assert env["INVARIANT_GATEWAY_REDIS_KEY_FILE"] == "/etc/invariant/redis-client/tls.key"
+    client = next(v for v in gateway["volumes"] if v["name"] == "redis-client")["secret"]
+    assert client["secretName"] == "gateway-redis-client" and client["defaultMode"] == 0o440
+    assert gateway["securityContext"]["fsGroup"] == 10001  # the key is readable by the gateway's group only
+    mounts = {m["name"]: m["mountPath"] for m in gateway["containers"][0]["volumeMounts"]}
+    assert mounts["redis-client"] == "/etc/invariant/redis-client"
+    # the checksum rolls Redis when client authentication is switched on
+    plain = by_kind_name(template(helm, *VARIANTS["redis-tls"]), "StatefulSet", "-redis")
+    assert (plain["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            != by_kind_name(docs, "StatefulSet", "-redis")["spec"]["template"]["metadata"]["annotations"]["checksum/config"])

@@ -4,6 +4,8 @@ Certificates are made here (a CA, Redis's certificate for localhost/127.0.0.1, a
 certificate for another host for the controls). What must hold: entries and live events travel over
 TLS and come back; an untrusted certificate, another host's certificate and a plaintext client are
 all refused, and a refused Redis never fails a request (the store is fail-open, the breaker counts).
+With mutual TLS (``--tls-auth-clients yes``) Redis takes only clients whose certificate its CA
+signed: the gateway's is accepted, none or one from another CA is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import free_port
+from conftest import free_port, wait_listening
 from invariant.gateway.metrics import Metrics
 from invariant.gateway.records import Record
 from invariant.gateway.server import GatewayConfigError, build_config
@@ -53,7 +55,8 @@ def make_ca(directory: Path, cn: str) -> tuple[Path, ec.EllipticCurvePrivateKey,
     return path, key, cert
 
 
-def make_server_cert(directory: Path, stem: str, ca_key, ca_cert, dns: str, ips: list[str]) -> tuple[Path, Path]:
+def make_server_cert(directory: Path, stem: str, ca_key, ca_cert, dns: str, ips: list[str],
+                     usage=x509.oid.ExtendedKeyUsageOID.SERVER_AUTH) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     names = [x509.DNSName(dns)] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -61,7 +64,7 @@ def make_server_cert(directory: Path, stem: str, ca_key, ca_cert, dns: str, ips:
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     crt, pem = directory / f"{stem}.crt", directory / f"{stem}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -71,31 +74,26 @@ def make_server_cert(directory: Path, stem: str, ca_key, ca_cert, dns: str, ips:
 
 
 class TlsRedis:
-    """redis-server serving TLS only (``--port 0``), with a password, as the chart runs it."""
+    """redis-server serving TLS only (``--port 0``), with a password, as the chart runs it;
+    ``auth_clients``: mutual TLS, as the chart runs it with ``redis.tls.clientSecret``."""
 
-    def __init__(self, cert: Path, key: Path, ca: Path):
+    def __init__(self, cert: Path, key: Path, ca: Path, auth_clients: bool = False):
         self.port = free_port()
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not installed (bash .ci/install installs Debian's)")
         self.proc = subprocess.Popen(
             [exe, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
-             "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+             "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+             "--tls-auth-clients", "yes" if auth_clients else "no",
              "--requirepass", PASSWORD, "--save", "", "--appendonly", "no"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode(errors="replace")
-                if "TLS" in out and ("not supported" in out or "Bad directive" in out):
-                    pytest.skip(f"this redis-server was built without TLS: {out.strip().splitlines()[-1]}")
-                raise RuntimeError(f"redis-server exited: {out}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server with TLS did not start")
+        try:
+            wait_listening(self.proc, self.port, "redis-server with TLS")
+        except RuntimeError as exc:
+            if "TLS" in str(exc) and ("not supported" in str(exc) or "Bad directive" in str(exc)):
+                pytest.skip(f"this redis-server was built without TLS: {str(exc).splitlines()[-1]}")
+            raise
 
     def url(self, host: str = "localhost", scheme: str = "rediss") -> str:
         return f"{scheme}://:{PASSWORD}@{host}:{self.port}/0"
@@ -112,8 +110,12 @@ def pki(tmp_path_factory):
     rogue_ca, rogue_key, rogue_cert = make_ca(d, "someone-else-ca")
     cert, key = make_server_cert(d, "redis", ca_key, ca_cert, "localhost", ["127.0.0.1"])
     other_cert, other_key = make_server_cert(d, "other", ca_key, ca_cert, "cache.other.example", [])
+    client = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+    gw_cert, gw_key = make_server_cert(d, "gateway-client", ca_key, ca_cert, "invariant-gateway", [], client)
+    rogue_client, rogue_client_key = make_server_cert(d, "rogue-client", rogue_key, rogue_cert, "invariant-gateway",
+                                                      [], client)
     return {"ca": ca, "rogue_ca": rogue_ca, "cert": cert, "key": key, "other_cert": other_cert,
-            "other_key": other_key}
+            "other_key": other_key, "client": (gw_cert, gw_key), "rogue_client": (rogue_client, rogue_client_key)}
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +125,15 @@ def tls_redis(pki):
     server.stop()
 
 
-def round_trip(url: str, ca: Path | None) -> tuple[bool, Record | None, list, Metrics]:
+def round_trip(url: str, ca: Path | None, client: tuple[Path, Path] | None = None
+               ) -> tuple[bool, Record | None, list, Metrics]:
     """put, get (from Redis: a fresh store, so no in-process copy), a live event out and back."""
     async def scenario():
         metrics = Metrics()
-        writer = Store(url, metrics, timeout=2.0, tls_ca_file=str(ca) if ca else None, entry_key=b"k" * 32)
-        reader = Store(url, metrics, timeout=2.0, tls_ca_file=str(ca) if ca else None, entry_key=b"k" * 32)
+        tls = dict(tls_ca_file=str(ca) if ca else None, tls_cert_file=str(client[0]) if client else None,
+                   tls_key_file=str(client[1]) if client else None)
+        writer = Store(url, metrics, timeout=2.0, entry_key=b"k" * 32, **tls)
+        reader = Store(url, metrics, timeout=2.0, entry_key=b"k" * 32, **tls)
         try:
             stored = await writer.put("tls-key", RECORD, 60)
             got, _ = await reader.get("tls-key")
@@ -175,6 +180,29 @@ def test_a_certificate_for_another_host_is_refused(pki):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def mtls_redis(pki):
+    server = TlsRedis(pki["cert"], pki["key"], pki["ca"], auth_clients=True)
+    yield server
+    server.stop()
+
+
+def test_mutual_tls_takes_the_gateway_certificate(mtls_redis, pki):
+    stored, got, events, metrics = round_trip(mtls_redis.url(), pki["ca"], pki["client"])
+    assert stored and got == RECORD and [f for _i, f in events] == [{"t": "x"}]
+    assert store_errors(metrics) == 0
+
+
+@pytest.mark.parametrize("case", ["no client certificate", "a client certificate from another CA"])
+def test_mutual_tls_refuses_other_clients_and_the_store_fails_open(mtls_redis, pki, case):
+    client = None if case == "no client certificate" else pki["rogue_client"]
+    stored, got, events, metrics = round_trip(mtls_redis.url(), pki["ca"], client)
+    assert not stored and got is None and events == []
+    assert store_errors(metrics) >= 1
+    # control: the same server, the gateway's certificate, the entry goes through
+    assert round_trip(mtls_redis.url(), pki["ca"], pki["client"])[0]
+
+
 def test_tls_settings(tmp_path, monkeypatch, pki):
     assert tls_options("redis://r:6379/0", None) == {}
     assert tls_options("rediss://r:6379/0", "/ca.crt") == {
@@ -188,5 +216,24 @@ def test_tls_settings(tmp_path, monkeypatch, pki):
                      api_keys_file=None)
     monkeypatch.setenv("INVARIANT_GATEWAY_REDIS_CA_FILE", str(tmp_path / "missing.crt"))
     with pytest.raises(GatewayConfigError, match="missing.crt: no such file"):
+        build_config(model_flags=["m=http://127.0.0.1:1"], redis_url="rediss://r:6379/0", config_file=None,
+                     api_keys_file=None)
+    monkeypatch.setenv("INVARIANT_GATEWAY_REDIS_CA_FILE", str(pki["ca"]))
+    crt, key = pki["client"]
+    assert tls_options("rediss://r:6379/0", "/ca.crt", "/c.crt", "/c.key")["ssl_certfile"] == "/c.crt"
+    monkeypatch.setenv("INVARIANT_GATEWAY_REDIS_CERT_FILE", str(crt))
+    with pytest.raises(GatewayConfigError, match="needs its key"):
+        build_config(model_flags=["m=http://127.0.0.1:1"], redis_url="rediss://r:6379/0", config_file=None,
+                     api_keys_file=None)
+    monkeypatch.setenv("INVARIANT_GATEWAY_REDIS_KEY_FILE", str(key))
+    cfg = build_config(model_flags=["m=http://127.0.0.1:1"], redis_url="rediss://r:6379/0", config_file=None,
+                       api_keys_file=None)
+    assert (cfg.redis_cert_file, cfg.redis_key_file) == (str(crt), str(key))
+    monkeypatch.delenv("INVARIANT_GATEWAY_REDIS_CA_FILE")
+    with pytest.raises(GatewayConfigError, match="client certificate .* the Redis URL is not rediss://"):
+        build_config(model_flags=["m=http://127.0.0.1:1"], redis_url="redis://r:6379/0", config_file=None,
+                     api_keys_file=None)
+    monkeypatch.setenv("INVARIANT_GATEWAY_REDIS_KEY_FILE", str(tmp_path / "gone.key"))
+    with pytest.raises(GatewayConfigError, match="INVARIANT_GATEWAY_REDIS_KEY_FILE .*gone.key: no such file"):
         build_config(model_flags=["m=http://127.0.0.1:1"], redis_url="rediss://r:6379/0", config_file=None,
                      api_keys_file=None)

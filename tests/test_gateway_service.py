@@ -17,7 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import free_port
+from conftest import free_port, wait_listening
 from invariant.gateway.auth import hash_key
 from invariant.gateway.entries import seal, unseal
 
@@ -38,16 +38,8 @@ class RedisServer:
         self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--maxmemory", "64mb", "--maxmemory-policy",
                                       "allkeys-lru"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                import socket
-
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        wait_listening(self.proc, self.port, "redis-server")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
