@@ -16,7 +16,8 @@ from typing import Any
 import kopf
 
 from invariant.operator import kube, metrics
-from invariant.operator.render import LABEL_MODEL, LABEL_SERVING, parse_ingress_from, pins_hash, render_children
+from invariant.operator.render import (LABEL_MODEL, LABEL_SERVING, parse_egress_to, parse_ingress_from, pins_hash,
+                                      render_children)
 from invariant.operator.spec import API_GROUP, API_VERSION, PLURAL, SpecError, parse_spec
 from invariant.operator.status import fold_status, invalid_status, pod_view, serving_label_changes
 
@@ -25,6 +26,7 @@ FINGERPRINT_TIMEOUT = float(os.environ.get("INVARIANT_OPERATOR_FINGERPRINT_TIMEO
 # Who may reach the workers (NetworkPolicy peers, set by the chart); None: no policy is rendered.
 # Read at start-up (configure), not at import, so a bad value stops the operator with its reason.
 WORKER_INGRESS: list[dict[str, Any]] | None = None
+WORKER_EGRESS: list[dict[str, Any]] = []  # egress rules added to the workers' own (DNS; the Hub's HTTPS)
 _metrics_server: Any = None
 log = logging.getLogger("invariant.operator")
 
@@ -43,9 +45,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = int(os.environ.get("INVARIANT_OPERATOR_WATCH_TIMEOUT", "300"))
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.posting.level = logging.WARNING
-    global WORKER_INGRESS, _metrics_server
+    global WORKER_INGRESS, WORKER_EGRESS, _metrics_server
     try:
         WORKER_INGRESS = parse_ingress_from(os.environ.get("INVARIANT_OPERATOR_WORKER_INGRESS"))
+        WORKER_EGRESS = parse_egress_to(os.environ.get("INVARIANT_OPERATOR_WORKER_EGRESS"))
         port = metrics.parse_port(os.environ.get(metrics.METRICS_PORT_ENV))
     except ValueError as exc:
         raise kopf.PermanentError(str(exc)) from None
@@ -82,7 +85,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta:
         patch.status.update(invalid_status(dict(status), exc.errors, meta.get("generation", 0), _now()))
         return
     owner = {"metadata": {"name": name, "uid": meta["uid"]}}
-    for manifest in render_children(view, owner, WORKER_INGRESS):
+    for manifest in render_children(view, owner, WORKER_INGRESS, WORKER_EGRESS):
         kube.apply(manifest)
     patch.status["observedGeneration"] = meta.get("generation", 0)
     if status.get("phase") in (None, "Invalid"):

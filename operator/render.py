@@ -177,26 +177,47 @@ def render_service(view: ModelSpecView, owner: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def render_network_policy(view: ModelSpecView, owner: dict[str, Any], ingress_from: list[dict[str, Any]]) -> dict[str, Any]:
+# Where a worker pod may connect: cluster DNS, and for a model fetched from the Hub, HTTPS to public
+# addresses only (no private range: nothing inside the cluster). A worker needs nothing else (its
+# engine runs offline), and one that is taken over cannot reach Redis, the API server or a tenant.
+DNS_EGRESS = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                      "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+              "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+PRIVATE_RANGES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10"]
+HUB_EGRESS = {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_RANGES}}],
+              "ports": [{"port": 443, "protocol": "TCP"}]}
+
+
+def worker_egress(view: ModelSpecView, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The egress rules of a model's worker pods (``extra``: the chart's ``networkPolicy.workerTo``)."""
+    rules = [DNS_EGRESS] + ([HUB_EGRESS] if view.model.hf_repo else [])
+    return [json.loads(json.dumps(r)) for r in rules + list(extra)]
+
+
+def render_network_policy(view: ModelSpecView, owner: dict[str, Any], ingress_from: list[dict[str, Any]],
+                          egress_to: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Only the named peers (the chart passes its gateway and this operator, plus any the user adds)
-    reach a worker's port: a worker serves whoever reaches it, and the cache trusts what it serves."""
+    reach a worker's port: a worker serves whoever reaches it, and the cache trusts what it serves.
+    Egress is closed but for ``worker_egress``."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": worker_name(view), "namespace": view.namespace, "labels": common_labels(view),
                      "ownerReferences": [owner_reference(owner)]},
-        "spec": {"podSelector": {"matchLabels": selector_labels(view)}, "policyTypes": ["Ingress"],
+        "spec": {"podSelector": {"matchLabels": selector_labels(view)}, "policyTypes": ["Ingress", "Egress"],
                  "ingress": [{"from": [dict(peer) for peer in ingress_from],
-                              "ports": [{"port": WORKER_PORT, "protocol": "TCP"}]}]},
+                              "ports": [{"port": WORKER_PORT, "protocol": "TCP"}]}],
+                 "egress": worker_egress(view, egress_to or [])},
     }
 
 
 def render_children(view: ModelSpecView, owner: dict[str, Any],
-                    ingress_from: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                    ingress_from: list[dict[str, Any]] | None = None,
+                    egress_to: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The Deployment and Service; with ``ingress_from`` (peers; [] admits none) a NetworkPolicy too."""
     children = [render_deployment(view, owner), render_service(view, owner)]
     if ingress_from is not None:
-        children.append(render_network_policy(view, owner, ingress_from))
+        children.append(render_network_policy(view, owner, ingress_from, egress_to))
     return children
 
 
@@ -214,3 +235,25 @@ def parse_ingress_from(raw: str | None) -> list[dict[str, Any]] | None:
         raise ValueError("INVARIANT_OPERATOR_WORKER_INGRESS must be a JSON list of NetworkPolicy peers "
                          "(objects of podSelector, namespaceSelector, ipBlock)")
     return peers
+
+
+def parse_egress_to(raw: str | None) -> list[dict[str, Any]]:
+    """``INVARIANT_OPERATOR_WORKER_EGRESS``: a JSON list of NetworkPolicy egress rules (objects of
+    ``to`` and ``ports``) added to the workers' own; unset: none. ValueError, in one line, otherwise."""
+    if raw is None or not raw.strip():
+        return []
+    try:
+        rules = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"INVARIANT_OPERATOR_WORKER_EGRESS is not JSON: {exc}") from None
+    peer_keys = {"podSelector", "namespaceSelector", "ipBlock"}
+    ok = isinstance(rules, list) and all(
+        isinstance(r, dict) and r and set(r) <= {"to", "ports"}
+        and isinstance(r.get("to", []), list) and isinstance(r.get("ports", []), list)
+        and all(isinstance(p, dict) and p and set(p) <= peer_keys for p in r.get("to", []))
+        and all(isinstance(p, dict) and p for p in r.get("ports", []))
+        for r in rules)
+    if not ok:
+        raise ValueError("INVARIANT_OPERATOR_WORKER_EGRESS must be a JSON list of NetworkPolicy egress rules "
+                         "(objects of to: [peers], ports: [ports])")
+    return rules

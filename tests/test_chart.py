@@ -179,6 +179,14 @@ def test_workers_and_the_operator_get_network_policies(helm):
     assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
     assert policy["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}, {"port": 9090, "protocol": "TCP"}]}]
     assert env["INVARIANT_OPERATOR_METRICS_PORT"] == "9090"
+    from invariant.operator.render import parse_egress_to
+
+    assert parse_egress_to(env["INVARIANT_OPERATOR_WORKER_EGRESS"]) == []
+    mirror = {"to": [{"podSelector": {"matchLabels": {"app": "hf-mirror"}}}], "ports": [{"port": 8080}]}
+    with_mirror = template(helm, *KEYS, "--set-json", f"networkPolicy.workerTo=[{json.dumps(mirror)}]")
+    env = {e["name"]: e.get("value") for e in by_kind_name(with_mirror, "Deployment", "-operator")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert parse_egress_to(env["INVARIANT_OPERATOR_WORKER_EGRESS"]) == [mirror]
     off = template(helm, *KEYS, "--set", "networkPolicy.enabled=false")
     assert not [d for d in off if d["kind"] == "NetworkPolicy"]
     assert "INVARIANT_OPERATOR_WORKER_INGRESS" not in {e["name"] for e in by_kind_name(

@@ -254,6 +254,7 @@ def test_invalid_spec_is_a_status_condition(operator):
 
 @pytest.mark.parametrize("env,value,message", [
     ("INVARIANT_OPERATOR_WORKER_INGRESS", "{not json", "INVARIANT_OPERATOR_WORKER_INGRESS is not JSON"),
+    ("INVARIANT_OPERATOR_WORKER_EGRESS", '[{"to": "all"}]', "INVARIANT_OPERATOR_WORKER_EGRESS must be a JSON list"),
     ("INVARIANT_OPERATOR_METRICS_PORT", "http", "INVARIANT_OPERATOR_METRICS_PORT='http': expected a TCP port"),
 ])
 def test_a_bad_setting_stops_the_operator_with_its_reason(cluster, monkeypatch, env, value, message):

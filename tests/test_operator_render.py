@@ -197,9 +197,59 @@ def test_with_ingress_peers_only_they_reach_the_workers_port():
     # the policy selects exactly the worker pods of this model
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert policy["spec"]["podSelector"] == {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert policy["spec"]["ingress"] == [{"from": [GATEWAY_PEER], "ports": [{"port": 8000, "protocol": "TCP"}]}]
     assert render_children(view, OWNER, [])[-1]["spec"]["ingress"][0]["from"] == []  # [] admits none
+
+
+KUBE_DNS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
+def test_workers_connect_to_dns_only_and_to_the_hub_over_https_when_they_fetch_from_it():
+    """A worker pod taken over must not reach Redis, the API server or another tenant's pods: its
+    egress is cluster DNS, plus HTTPS to public addresses for a model its init container downloads."""
+    import ipaddress
+
+    import kubernetes_validate
+
+    pvc = parse_spec("qwen", "models", dm_spec(**{"model.huggingFace": DELETE,
+                                                  "model.pvc": {"claimName": "models", "path": "q"}}))
+    egress = render_children(pvc, OWNER, [GATEWAY_PEER])[-1]["spec"]["egress"]
+    assert egress == [{"to": [KUBE_DNS], "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
+    hub = parse_spec("qwen", "models", dm_spec())
+    mirror = {"to": [{"podSelector": {"matchLabels": {"app": "hf-mirror"}}}], "ports": [{"port": 8080}]}
+    policy = render_children(hub, OWNER, [GATEWAY_PEER], [mirror])[-1]
+    dns, https, extra = policy["spec"]["egress"]
+    assert https["ports"] == [{"port": 443, "protocol": "TCP"}] and extra == mirror
+    block = https["to"][0]["ipBlock"]
+    public = ipaddress.ip_network(block["cidr"])
+    excluded = [ipaddress.ip_network(c) for c in block["except"]]
+    # the cluster's own ranges (pods, services, the API server, cloud metadata) are all excluded
+    for inside in ["10.96.0.1", "172.20.3.4", "192.168.1.10", "169.254.169.254", "100.64.0.5"]:
+        assert any(ipaddress.ip_address(inside) in net for net in excluded), inside
+    assert ipaddress.ip_address("18.239.50.80") in public and not any(  # a public address (the Hub's CDN)
+        ipaddress.ip_address("18.239.50.80") in net for net in excluded)
+    kubernetes_validate.validate(policy, "1.35", strict=True)
+    # the mirror rule is a copy: rendering twice never shares or grows it
+    assert render_children(hub, OWNER, [GATEWAY_PEER], [mirror])[-1]["spec"]["egress"] == policy["spec"]["egress"]
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("{not json", "is not JSON"),
+    ('{"to": []}', "must be a JSON list"),
+    ('[{"to": [], "from": []}]', "must be a JSON list"),
+    ('[{"to": [{"service": "x"}]}]', "must be a JSON list"),
+    ('[{"to": "everyone"}]', "must be a JSON list"),
+    ("[{}]", "must be a JSON list"),
+])
+def test_bad_worker_egress_settings_are_refused_in_one_line(raw, message):
+    from invariant.operator.render import parse_egress_to
+
+    with pytest.raises(ValueError) as err:
+        parse_egress_to(raw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert parse_egress_to(None) == [] and parse_egress_to("[]") == []
 
 
 @pytest.mark.parametrize("raw,message", [
