@@ -181,6 +181,8 @@ def resolve(kind: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | No
     check_json({k: v for k, v in body.items() if k != "seed"})
     if kind == "chat" and not isinstance(body.get("messages"), list):
         raise RequestError("'messages' must be a list")
+    if kind == "chat" and not body["messages"]:
+        raise RequestError("'messages' must hold at least one message")  # OpenAI's rule; nothing to generate from
 
     keyed = {k: copy.deepcopy(v) for k, v in body.items()
              if k not in NON_OUTPUT_FIELDS and k not in GATEWAY_FIELDS and k != "seed"}

@@ -41,7 +41,7 @@ CHAT_BODY: dict[str, Any] = {
     "type": "object", "required": ["model", "messages"],
     "properties": {
         "model": {"type": "string", "minLength": 1},
-        "messages": {"type": "array", "items": {
+        "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role", "content"],
             "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
                            "content": {"type": "string"}}}},
@@ -64,7 +64,17 @@ _ERROR = {"description": "an OpenAI-format error", "content": {"application/json
                        "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}}}}}}}}
 
 
+# The request headers the gateway reads (gateway/auth.py, gateway/keys.py); fuzzers fuzz them too.
+HEADERS = [
+    {"name": "Authorization", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "Bearer <API key> when the gateway has keys (else ignored)"},
+    {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "no-cache: generate, neither look up nor store; no-store: look up, store no miss"},
+]
+
+
 def body(schema: dict[str, Any]) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads ``schema`` from its raw body."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+    return {"parameters": [dict(h) for h in HEADERS],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {str(code): _ERROR for code in (400, 401, 404, 409, 413, 429, 502, 503)}}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from conftest import free_port
 from invariant.contract import routes
@@ -92,9 +93,37 @@ class FakeWorker:
                 choice.update(message={"role": "assistant", "content": text},
                               logprobs={"content": [{"token": f" t{t}", "logprob": -0.5, "top_logprobs": []}
                                                     for t in ids]})
+            usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+            if body.get("stream"):
+                return StreamingResponse(sse(kind, body, choice, ids, stamped, usage), media_type="text/event-stream")
             return {"id": "x", "object": "text_completion", "created": int(time.time()), "model": body.get("model"),
-                    "choices": [choice], "system_fingerprint": stamped,
-                    "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
+                    "choices": [choice], "system_fingerprint": stamped, "usage": usage}
+
+        def sse(kind: str, body: dict, choice: dict, ids: list[int], stamped: str, usage: dict):
+            """The answer as vLLM streams it: one chunk per token, the finish reason on the last one,
+            usage when asked for, then [DONE]."""
+            def event(choices: list, **extra) -> bytes:
+                obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
+                data = {"id": "x", "object": obj, "created": int(time.time()), "model": body.get("model"),
+                        "choices": choices, "system_fingerprint": stamped, **extra}
+                return f"data: {json.dumps(data)}\n\n".encode()
+
+            sent_ids = choice["token_ids"]
+            for i, t in enumerate(ids):
+                last = i == len(ids) - 1
+                c: dict[str, Any] = {"index": 0, "token_ids": sent_ids[i:i + 1] if isinstance(sent_ids, list) else sent_ids,
+                                     "finish_reason": choice.get("finish_reason") if last else None,
+                                     "stop_reason": None}
+                if kind == "completions":
+                    c.update(text=f" t{t}", logprobs={"tokens": [f" t{t}"], "token_logprobs": [-0.5],
+                                                      "top_logprobs": None, "text_offset": [i]})
+                else:
+                    c.update(delta={"content": f" t{t}", **({"role": "assistant"} if i == 0 else {})},
+                             logprobs={"content": [{"token": f" t{t}", "logprob": -0.5, "top_logprobs": []}]})
+                yield event([c])
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield event([], usage=usage)
+            yield b"data: [DONE]\n\n"
 
         @app.post(routes.COMPLETIONS)
         async def completions(request: Request):

@@ -88,6 +88,7 @@ HOSTILE = {
     "model is a list": '{"model":[],"prompt":"x"}',
     "model is an object": '{"model":{"a":1},"prompt":"x"}',
     "a list of prompts": '{"model":"m","prompt":["a","b"],"temperature":0}',
+    "no messages": '{"model":"m","messages":[],"temperature":0}',
     "a list of token-id prompts": '{"model":"m","prompt":[[1,2],[3]],"temperature":0}',
     "seed is a float": '{"model":"m","prompt":"x","temperature":0.8,"seed":1.5}',
     "n times max_tokens beyond the limit": '{"model":"m","prompt":"x","temperature":0,"n":128,"max_tokens":32768}',
@@ -99,8 +100,12 @@ HOSTILE = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_bodies_get_an_openai_error_and_store_nothing(gateway, fake, redis_server, case):
     before = redis_cli(redis_server, "DBSIZE")
-    err = assert_openai_error(raw_post(gateway, HOSTILE[case]), (400, 404, 413))
+    chat = '"messages"' in str(HOSTILE[case])
+    err = assert_openai_error(raw_post(gateway, HOSTILE[case], "/v1/chat/completions" if chat else "/v1/completions"),
+                              (400, 404, 413))
     assert "Traceback" not in err["message"]
+    if case == "no messages":
+        assert "at least one message" in err["message"]
     assert redis_cli(redis_server, "DBSIZE") == before
 
 
@@ -450,3 +455,170 @@ def test_the_openapi_schema_fuzzed_never_gets_a_500_and_rejected_requests_store_
         error = resp.json()["error"]
         assert isinstance(error["message"], str) and error["message"] and error["type"]
         assert redis_cli(redis_server, "DBSIZE") == before, (resp.status_code, resp.text[:200])
+
+
+# --- hostile headers: the three the gateway reads (Authorization, Cache-Control, Content-Length) ----
+
+KEY = "sk-header-test"
+OK_BODY = json.dumps({"model": "m", "prompt": "headers", "max_tokens": 4, "temperature": 0})
+
+
+@pytest.fixture(scope="module")
+def keyed(redis_server, tmp_path_factory):  # noqa: F811
+    from invariant.gateway.auth import hash_key
+
+    d = tmp_path_factory.mktemp("keyed")
+    (d / "keys.json").write_text(json.dumps({hash_key(KEY): {"tenant": "t"}}))
+    worker = FakeWorker().start()
+    gw = Gateway([_W("m", worker.url)], redis_server.url, d, "--api-keys", str(d / "keys.json"), env=FAST)
+    yield gw
+    gw.stop()
+    worker.stop()
+
+
+def raw_request(gw, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes as they are (httpx refuses to send malformed headers); (status, body) or (0, b"")
+    when the server closed the connection without an answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head_end = data.index(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", data[:head_end])
+                if length and len(data) >= head_end + 4 + int(length.group(1)):
+                    break
+    if not data:
+        return 0, b""
+    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
+
+
+HOSTILE_AUTH = {
+    "missing": None,
+    "a bare scheme": "Bearer",
+    "the scheme and a space": "Bearer ",
+    "another scheme": f"Basic {KEY}",
+    "the key without a scheme": KEY,
+    "the key with a suffix": f"Bearer {KEY}x",
+    "a prefix of the key": f"Bearer {KEY[:-1]}",
+    "a NUL inside": f"Bearer {KEY}\x00",
+    "a 12 KB key": "Bearer " + "k" * 12_000,
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_AUTH))
+def test_hostile_authorization_headers_are_401s_and_store_nothing(keyed, redis_server, case):
+    value = HOSTILE_AUTH[case]
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(OK_BODY)}\r\n".encode()
+    if value is not None:
+        head += b"Authorization: " + value.encode("latin-1") + b"\r\n"
+    before = redis_cli(redis_server, "DBSIZE")
+    status, body = raw_request(keyed, head, OK_BODY.encode())
+    if case == "a NUL inside":  # h11 refuses a control character in a header value itself
+        assert status in (0, 400), status
+    else:
+        assert status == 401, (status, body[:200])
+        error = json.loads(body)["error"]
+        assert error["message"] and error["type"]
+    assert redis_cli(redis_server, "DBSIZE") == before
+
+
+def test_authorization_in_other_forms_of_the_right_key(keyed):
+    """The control: the scheme in any case, one key; and Latin-1 bytes in a key are a 401, not a 500."""
+    for value in (f"Bearer {KEY}", f"bearer {KEY}", f"BEARER   {KEY}"):
+        resp = httpx.post(f"{keyed.url}/v1/completions", content=OK_BODY, timeout=30,
+                          headers={"content-type": "application/json", "authorization": value})
+        assert resp.status_code == 200, (value, resp.text[:200])
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(OK_BODY)}\r\n".encode() + b"Authorization: Bearer \xff\xfe\xe9\r\n")
+    assert raw_request(keyed, head, OK_BODY.encode())[0] == 401
+
+
+@pytest.mark.parametrize("value,stored", [
+    ("no-store", False), ("NO-STORE", False), (" no-cache ,  no-store ", False), ("max-age=0, no-store", False),
+    ("no-cache", False), ("No-Cache", False), ("," * 6000, True), ("no-storex", True), ("\xff\xfe", True),
+])  # no-cache: generated fresh and not stored (docs/gateway.md); unknown directives are ignored
+def test_hostile_cache_control_headers_are_served_and_no_store_is_kept(keyed, redis_server, value, stored):
+    body = json.dumps({"model": "m", "prompt": f"cache-control {value!r}", "max_tokens": 4, "temperature": 0})
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nAuthorization: Bearer {KEY}\r\n".encode()
+            + b"Cache-Control: " + value.encode("latin-1") + b"\r\n")
+    before = len(entries(redis_server))
+    status, answer = raw_request(keyed, head, body.encode())
+    assert status == 200, (status, answer[:200])
+    assert json.loads(answer)["choices"][0]["text"] is not None
+    assert len(entries(redis_server)) == before + (1 if stored else 0)
+
+
+@pytest.mark.parametrize("length", [b"-1", b"abc", b"1e3", b"99999999999999999999999", b"5, 7"])
+def test_malformed_content_lengths_are_refused_before_the_body(keyed, redis_server, length):
+    before = redis_cli(redis_server, "DBSIZE")
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\n".encode() + b"Content-Length: " + length + b"\r\n")
+    status, _ = raw_request(keyed, head, OK_BODY.encode())
+    assert status in (0, 400, 413), status  # h11's 400 or our 413; never a 500, never served
+    assert redis_cli(redis_server, "DBSIZE") == before
+
+
+def test_forged_response_headers_in_a_request_change_nothing(keyed):
+    """A client that sends the gateway's own headers (cache outcome, fingerprint) gets a real MISS
+    first and the true fingerprint: the gateway never reads them from a request."""
+    body = json.dumps({"model": "m", "prompt": "forged headers", "max_tokens": 4, "temperature": 0})
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}",
+               "x-invariant-cache": "HIT", "x-invariant-fingerprint": "sha256:" + "0" * 64,
+               "if-none-match": '"forged"', "x-forwarded-for": "10.0.0.1"}
+    first = httpx.post(f"{keyed.url}/v1/completions", content=body, headers=headers, timeout=30)
+    again = httpx.post(f"{keyed.url}/v1/completions", content=body, headers=headers, timeout=30)
+    assert first.status_code == again.status_code == 200
+    assert (first.headers["x-invariant-cache"], again.headers["x-invariant-cache"]) == ("MISS", "HIT")
+    assert first.json()["system_fingerprint"] != "sha256:" + "0" * 64
+    assert first.json()["choices"] == again.json()["choices"]  # (ids and times differ by design)
+
+
+def test_too_many_or_too_large_headers_are_refused_without_a_500(keyed):
+    many = b"".join(f"X-H{i}: v\r\n".encode() for i in range(3000))
+    huge = b"X-Big: " + b"v" * 200_000 + b"\r\n"
+    for extra in (many, huge):
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(OK_BODY)}\r\nAuthorization: Bearer {KEY}\r\n".encode() + extra)
+        status, _ = raw_request(keyed, head, OK_BODY.encode())
+        assert status in (0, 200, 400, 413, 431), status
+    # and the gateway still serves
+    ok = httpx.post(f"{keyed.url}/v1/completions", content=OK_BODY, timeout=30,
+                    headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                 HealthCheck.data_too_large])
+@given(case=_schema_cases(), with_key=st.booleans())
+def test_the_openapi_headers_fuzzed_on_a_keyed_gateway_never_get_a_500(keyed, redis_server, case, with_key):
+    """schemathesis fills the headers the schema declares (Authorization, Cache-Control) with
+    valid and schema-breaking values; a wrong key is a 401, nothing else changes that."""
+    headers = {k: v for k, v in (case.headers or {}).items() if isinstance(v, str)}
+    if with_key:
+        headers["Authorization"] = f"Bearer {KEY}"
+    body = case.body
+    if isinstance(body, dict) and "model" in body:
+        body = {**body, "model": "m"}
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    before = redis_cli(redis_server, "DBSIZE")
+    try:
+        resp = httpx.post(f"{keyed.url}{case.formatted_path}", content=data, timeout=30,
+                          headers={**headers, "content-type": "application/json"})
+    except (httpx.LocalProtocolError, UnicodeEncodeError):
+        return  # a header value httpx itself will not send (a newline, a non-Latin-1 character)
+    assert 200 <= resp.status_code < 300 or 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
+    if resp.status_code >= 400:
+        assert resp.json()["error"]["message"]
+        assert redis_cli(redis_server, "DBSIZE") == before, (resp.status_code, resp.text[:200])
+    if not with_key and not headers.get("Authorization", "").lower().startswith("bearer "):
+        assert resp.status_code == 401, (headers, resp.status_code)

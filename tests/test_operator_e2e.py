@@ -159,7 +159,8 @@ def test_lifecycle(operator):
         policy = wait_for(lambda: client.NetworkingV1Api().read_namespaced_network_policy("qwen-worker", NS),
                           what="network policy")
         assert policy.spec.pod_selector.match_labels == deployment.spec.selector.match_labels
-        assert policy.spec.policy_types == ["Ingress"]
+        assert policy.spec.policy_types == ["Ingress", "Egress"]  # and egress: DNS, the Hub's HTTPS
+        assert [e.ports[0].port for e in policy.spec.egress] == [53, 443]
         assert [client.ApiClient().sanitize_for_serialization(p) for p in policy.spec.ingress[0]._from] == GATEWAY_PEERS
         assert policy.metadata.owner_references[0].uid == dm("qwen")["metadata"]["uid"]
         assert wait_for(lambda: status_of("qwen").get("phase") == "Pending", what="Pending")
