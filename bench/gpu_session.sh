@@ -22,6 +22,7 @@ step sampler 120 python3 bench/gpu_sampler_probe.py --out "$W/sampler"
 step probe 120 python3 bench/gpu_leak_probe.py --out "$W/probe"
 step pytest_vllm 780 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_vllm.py ${PYTEST_K_VLLM:+-k "$PYTEST_K_VLLM"}
 step cost 900 python3 bench/gpu_worker_cost.py "$W/medium" --out "$W/cost"
+step profile 600 python3 bench/gpu_decode_profile.py "$W/medium" --out "$W/profile"
 step canary_cost 600 python3 bench/canary_cost.py --models medium --reps ${CANARY_REPS:-2} --name canary_cost_h200 --out "$W"
 step pytest_worker 840 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py ${PYTEST_K_WORKER:+-k "$PYTEST_K_WORKER"}
 step determinism 900 python3 -m invariant.cli bench determinism --model "$W/medium" --n 1000 --out "$W/determinism" \

@@ -8,6 +8,7 @@ rather than its ``run_server``, because we need the FastAPI app in hand before i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from pathlib import Path
@@ -119,7 +120,25 @@ def vllm_argv(options: WorkerOptions, *, dtype: str, fingerprint: str, cuda: boo
     ]
     if options.max_model_len is not None:
         argv += ["--max-model-len", str(options.max_model_len)]
-    return argv + numerics.vllm_args(cuda=cuda, invariance=bool(options.invariance)) + list(options.extra_vllm_args)
+    return (argv + numerics.vllm_args(cuda=cuda, invariance=bool(options.invariance)) + profiler_args()
+            + list(options.extra_vllm_args))
+
+
+PROFILE_DIR_ENV = "INVARIANT_WORKER_PROFILE_DIR"
+
+
+def profiler_args() -> list[str]:
+    """With ``INVARIANT_WORKER_PROFILE_DIR`` (benchmarks only: bench/gpu_decode_profile.py), vLLM's
+    torch profiler behind POST /start_profile and /stop_profile, its traces in that directory.
+    Not an engine argument a deployment can pass: a profiler changes no bits, but it is a debugging
+    door that production must not open."""
+    directory = os.environ.get(PROFILE_DIR_ENV)
+    if not directory:
+        return []
+    if not os.path.isabs(directory):
+        raise WorkerConfigError(f"{PROFILE_DIR_ENV}={directory!r} must be an absolute path")
+    return ["--profiler-config", json.dumps({"profiler": "torch", "torch_profiler_dir": directory,
+                                             "torch_profiler_with_stack": False, "ignore_frontend": True})]
 
 
 def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str], WorkerState]:

@@ -1,0 +1,199 @@
+"""Where a decode step's time goes: the invariant worker against stock vLLM, kernel by kernel
+(issue 16, item 2: decode at concurrency 1 is ~0.9x stock; find it by measurement).
+
+    python3 bench/gpu_decode_profile.py MODEL_DIR --out DIR        (the device, carried vLLM on PYTHONPATH)
+    python3 bench/gpu_decode_profile.py --render DIR/gpu_decode_profile.json
+    python3 bench/gpu_decode_profile.py MODEL_DIR --out DIR --cpu   (this script's check, on a CPU)
+
+Starts ``invariant worker`` per mode (stock: ``--no-invariance``; invariant: the default), one after
+the other, each with ``INVARIANT_WORKER_PROFILE_DIR`` (vLLM's torch profiler behind /start_profile and
+/stop_profile). Per load it warms up, profiles the load, stops, and reads the traces that stop wrote: every GPU kernel's time, summed by name and by category (GEMM, attention, norm, sampling,
+elementwise, copies, other), per output token. Loads: ``decode`` (one request of ~256 prompt tokens,
+64 output tokens: concurrency 1, where the gap is) and ``decode8`` (8 such requests at once).
+Writes gpu_decode_profile.json and .md (category table, the 12 costliest kernels per mode).
+On a CPU (``--cpu``) the trace holds CPU ops, not kernels: the check that this script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+MODES = {"stock": ["--no-invariance"], "invariant": []}
+LOADS = {"decode": (1, 64), "decode8": (8, 64)}  # load -> (concurrent requests, output tokens each)
+PROMPT_IDS = [(i * 7919) % 1000 + 16 for i in range(256)]
+CATEGORIES = [  # first match wins; kernel names of cuBLAS(Lt), CUTLASS, Triton, FlashAttention, vLLM
+    ("copy", r"reshape_and_cache|memcpy|memset"),  # the KV-cache write before "flash" in its name
+    ("attention", r"attn|attention|flash|fmha|paged|unified|mha|softmax_lse"),
+    ("gemm", r"gemm|matmul|nvjet|cutlass|xmma|cublas|sm90_|mm_|_mm\b|linear|splitk"),
+    ("norm", r"rms|norm|rsqrt"),  # vLLM's RMSNorm, or inductor's fused mean/rsqrt reduction
+    ("sampling", r"sampl|topk|top_k|top_p|argmax|sort|cumsum|multinomial|exponential|gumbel|logits|penalt"),
+    ("rotary", r"rotary|rope"),
+    ("copy", r"memcpy|memset|copy|cache_kernel|reshape_and_cache|cat_|concat"),
+    ("elementwise", r"elementwise|vectorized|triton_poi|act_and_mul|silu|gelu|add|mul|fused"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return label
+    return "other"
+
+
+def trace_files(directory: Path) -> set[Path]:
+    return set(directory.rglob("*.json.gz")) | set(directory.rglob("*.json"))
+
+
+def read_trace(files: set[Path], cpu: bool) -> dict[str, list[float]]:
+    """name -> durations (us) of every GPU kernel (``cpu``: aten op) in these vLLM traces."""
+    out: dict[str, list[float]] = {}
+    for path in sorted(files):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as fh:
+            try:
+                trace = json.load(fh)
+            except ValueError:
+                continue
+        for ev in trace.get("traceEvents", []) if isinstance(trace, dict) else []:
+            if ev.get("ph") != "X" or "dur" not in ev:
+                continue
+            cat = ev.get("cat", "")
+            if cat == "kernel" or (cpu and cat == "cpu_op" and str(ev.get("name", "")).startswith("aten::")):
+                out.setdefault(str(ev["name"]), []).append(float(ev["dur"]))
+    return out
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> int:
+    body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    resp = await client.post(f"{url}/v1/completions", json=body, timeout=600)
+    resp.raise_for_status()
+    return int(resp.json()["usage"]["completion_tokens"])
+
+
+async def load(url: str, model: str, concurrency: int, tokens: int) -> int:
+    async with httpx.AsyncClient() as client:
+        return sum(await asyncio.gather(*(one(client, url, model, tokens) for _ in range(concurrency))))
+
+
+def summarize(kernels: dict[str, list[float]], concurrency: int, generated: int, wall: float) -> dict:
+    total = sum(sum(v) for v in kernels.values())
+    by_cat: dict[str, float] = {}
+    for k, durs in kernels.items():
+        by_cat[category(k)] = by_cat.get(category(k), 0.0) + sum(durs)
+    top = sorted(((sum(d), len(d), k) for k, d in kernels.items()), reverse=True)[:12]
+    n = max(1, generated)
+    return dict(concurrency=concurrency, generated=generated, wall_s=wall, us_per_token=total / n,
+                categories_us_per_token={c: t / n for c, t in sorted(by_cat.items())},
+                top=[dict(name=k, us_per_token=t / n, calls=c) for t, c, k in top])
+
+
+def profile_mode(model_dir: str, mode: str, out: Path, cpu: bool, max_model_len: int, port: int) -> dict:
+    """One worker of ``mode``; each load warmed up, then profiled between /start_profile and
+    /stop_profile; the trace files that stop wrote are that load's."""
+    from invariant.processes import start_worker, stop_all, wait_ready
+
+    trace_dir = (out / "traces" / mode).resolve()
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    trace_dir.mkdir(parents=True)
+    os.environ["INVARIANT_WORKER_PROFILE_DIR"] = str(trace_dir)  # the worker reads it at start
+    url, log = f"http://127.0.0.1:{port}", out / f"worker_{mode}.log"
+    t0 = time.time()
+    proc = start_worker(model_dir, port, log, *MODES[mode], name="m", max_model_len=max_model_len)
+    results = {}
+    try:
+        wait_ready(proc, url, log, timeout=900)
+        print(f"  {mode}: ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        for name, (concurrency, tokens) in LOADS.items():
+            asyncio.run(load(url, "m", concurrency, tokens))  # warm-up, not profiled
+            before = trace_files(trace_dir)
+            httpx.post(f"{url}/start_profile", timeout=120).raise_for_status()
+            started = time.perf_counter()
+            generated = asyncio.run(load(url, "m", concurrency, tokens))
+            wall = time.perf_counter() - started
+            httpx.post(f"{url}/stop_profile", timeout=600).raise_for_status()
+            deadline = time.time() + 120  # traces are written after the stop returns, by the engine
+            while not trace_files(trace_dir) - before and time.time() < deadline:
+                time.sleep(1)
+            time.sleep(2)
+            results[name] = summarize(read_trace(trace_files(trace_dir) - before, cpu), concurrency, generated, wall)
+            print(f"  {mode}/{name}: {generated} tokens in {wall:.2f} s, "
+                  f"{results[name]['us_per_token']:.1f} us/token in kernels", file=sys.stderr, flush=True)
+    finally:
+        os.environ.pop("INVARIANT_WORKER_PROFILE_DIR", None)
+        stop_all([proc])
+    return results
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Decode step profile: {res['meta']['device']}", "",
+             f"{res['meta']['date']}; {res['meta']['model']}. GPU kernel time per output token (vLLM's torch "
+             "profiler, one profiled load after a warm-up), invariant worker vs stock in the same run.", ""]
+    for name in LOADS:
+        modes = {m: res["modes"].get(m, {}).get(name) for m in MODES}
+        if not all(modes.values()):
+            continue
+        s, i = modes["stock"], modes["invariant"]
+        lines += [f"## {name} (concurrency {s['concurrency']})", "",
+                  f"Wall: stock {s['wall_s']:.2f} s, invariant {i['wall_s']:.2f} s ({i['wall_s'] / s['wall_s']:.2f}x); "
+                  f"kernels {s['us_per_token']:.1f} vs {i['us_per_token']:.1f} us/token "
+                  f"({i['us_per_token'] / max(1e-9, s['us_per_token']):.2f}x).", "",
+                  "| category | stock us/token | invariant us/token | difference |", "|---|---|---|---|"]
+        cats = sorted(set(s["categories_us_per_token"]) | set(i["categories_us_per_token"]),
+                      key=lambda c: -(i["categories_us_per_token"].get(c, 0) - s["categories_us_per_token"].get(c, 0)))
+        for c in cats:
+            a, b = s["categories_us_per_token"].get(c, 0.0), i["categories_us_per_token"].get(c, 0.0)
+            lines.append(f"| {c} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        for m in MODES:
+            lines += ["", f"Costliest kernels, {m}:", "", "| kernel | us/token | calls |", "|---|---|---|"]
+            for row in modes[m]["top"]:
+                lines.append(f"| `{row['name'][:90]}` | {row['us_per_token']:.1f} | {row['calls']} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--cpu", action="store_true", help="check this script on a CPU (CPU ops, not kernels)")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--render", type=Path)
+    args = ap.parse_args()
+    if args.render:
+        res = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(res))
+        return
+    if not args.model or not args.out:
+        ap.error("MODEL_DIR and --out are needed (or --render JSON)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cpu:
+        device = "CPU (script check)"
+    else:
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    res = dict(meta=dict(device=device, date=time.strftime("%Y-%m-%d"), model=Path(args.model).name), modes={})
+    for mode in MODES:
+        print(f"[{mode}]", file=sys.stderr, flush=True)
+        res["modes"][mode] = profile_mode(args.model, mode, args.out, args.cpu, args.max_model_len,
+                                          8200 + len(res["modes"]))
+        (args.out / "gpu_decode_profile.json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (args.out / "gpu_decode_profile.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
