@@ -4,7 +4,7 @@ the shapes that could be pinned next (issue 16, item 4: within 1.2x of the faste
 
     python bench/gpu_attention.py --out DIR [--dry-run]
 
-Each shape (block_m, block_n, split, warps, combine chunk) is another numerics, so every shape is
+Each shape (block_m, block_n, split, warps, combine chunk[, long split, long from]) is another numerics, so every shape is
 checked where it is timed: sequence 0's output amid the batch equals it alone (batch invariance),
 and at 4k context the decode of the last token equals the last row of the whole prefill (one
 reduction order for prefill and decode), plus its error against float64. Times are medians of
@@ -37,17 +37,23 @@ HQ, HKV, D, PAGE = (4, 1, 16, 16) if DRY else (32, 8, 128, 16)  # a Qwen3-8B-lik
 CASES = ([(1, 256), (4, 128)] if DRY else
          [(1, 4096), (1, 32768), (64, 4096), (64, 32768), (8, 8192), (1, 8192), (1, 16384), (32, 8192),
           (16, 16384)])
-# (block_m, block_n, split, warps, combine chunk); the first is whatever is pinned now
-CANDIDATES = ([(16, 16, 64, 1, 2), (16, 16, 32, 1, 4)] if DRY else
-              [(16, 128, 512, 4, 1), (16, 128, 256, 4, 16), (16, 64, 256, 4, 16), (16, 64, 128, 4, 16),
-               (16, 128, 128, 4, 16), (16, 128, 1024, 4, 16)])
+# (block_m, block_n, split, warps, combine chunk[, long split, long from]); the first is what is pinned
+# now. Measured on the H200 (2026-12-03): split 256 wins at 4k, 1024 at 32k, so the tiered shapes
+# (a split that grows with the row's position) are next.
+CANDIDATES = ([(16, 16, 64, 1, 2), (16, 16, 32, 1, 4), (16, 16, 32, 1, 2, 64, 128)] if DRY else
+              [(16, 128, 512, 4, 1), (16, 128, 256, 4, 64), (16, 128, 1024, 4, 16),
+               (16, 128, 256, 4, 64, 1024, 8192), (16, 128, 256, 4, 64, 1024, 16384),
+               (16, 128, 256, 4, 32, 512, 8192), (16, 128, 512, 4, 32, 1024, 16384)])
 
 
 def pinned() -> tuple[int, ...]:
     from invariant.kernels.gpu import configs
 
-    return (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS,
+    base = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS,
             configs.ATTN_COMBINE_CHUNK)
+    if configs.ATTN_SPLIT_LONG and configs.ATTN_SPLIT_LONG != configs.ATTN_SPLIT:
+        return (*base, configs.ATTN_SPLIT_LONG, configs.ATTN_LONG_FROM)
+    return base
 
 
 def bench(fn) -> float:

@@ -289,6 +289,43 @@ def test_control_a_fold_width_chosen_from_the_batch_is_detected(small_splits):
     assert torch.equal(cache.run([0, 1], [1, 1])[0][0], alone)
 
 
+@pytest.fixture
+def tiered_splits(small_splits, monkeypatch):
+    """Rows from position 64 on cut their KV in 32-token splits, rows before it in 16-token ones."""
+    monkeypatch.setattr(configs, "ATTN_SPLIT_LONG", 32)
+    monkeypatch.setattr(configs, "ATTN_LONG_FROM", 64)
+
+
+def test_a_split_size_that_grows_with_the_position_keeps_one_order_per_row(tiered_splits):
+    lens = [150, 70, 40]  # across the switch at 64, just past it, below it
+    cache = Cache(lens, seed=62)
+    whole = cache.run([0, 1, 2], lens)
+    for s in range(3):
+        assert rel(whole[s], cache.reference(s)) < TOL[torch.bfloat16]
+    assert torch.equal(cache.run([0], [1])[0][0], whole[0][-1])
+    mixed = cache.run([2, 0, 1], [40, 1, 6])
+    assert torch.equal(mixed[0], whole[2]) and torch.equal(mixed[1][0], whole[0][-1])
+    assert torch.equal(mixed[2], whole[1][-6:])
+    # A cached prefix ending before, at and past the switch. In the interpreter the cuts keep the
+    # 8-token row tiles of the whole prefill: its tl.dot (numpy) can round a row by its tile's other
+    # rows on AVX2 CPUs (interpreter_blas), which the GPU's MMA does not; on the GPU any cut.
+    for cut in ((60, 64, 100) if ON_GPU else (56, 64, 104)):
+        head = cache.run([0], [cut], upto=[cut])[0]
+        tail = cache.run([0, 2], [150 - cut, 3])[0]
+        assert torch.equal(torch.cat([head, tail]), whole[0])
+
+
+def test_control_the_long_split_changes_only_the_rows_past_its_start(tiered_splits):
+    """The switch is real and follows the position: against one split size, rows from 64 on get
+    other bits (fp32 keeps them), rows before it the same."""
+    cache = Cache([150], seed=63, dtype=torch.float32)
+    tiered = cache.run([0], [150])[0]
+    configs.ATTN_SPLIT_LONG = 0
+    one_size = cache.run([0], [150])[0]
+    assert torch.equal(tiered[:64], one_size[:64])
+    assert not torch.equal(tiered[64:], one_size[64:])
+
+
 # --- the device's own control ---------------------------------------------------------------------
 @pytest.mark.skipif(not ON_GPU, reason="cuBLAS is on the device only")
 def test_control_cublas_is_batch_variant_on_the_device():

@@ -7,7 +7,10 @@ same blocks in the same order whether its keys were cached or computed in this s
 decoded alone or prefilled with 4,000 other tokens, and whatever else is in the batch: blocks that a
 longer row of the same tile needs but this row does not are fully masked and add exact zeros. The
 fold takes ``ATTN_COMBINE_CHUNK`` splits at a time (a fixed width, lanes past the row's own splits
-masked), so long rows fold in a few vector steps.
+masked), so long rows fold in a few vector steps. Rows at positions from ``ATTN_LONG_FROM`` on cut
+their KV in ``ATTN_SPLIT_LONG`` splits instead (fewer, longer splits where there are many; the
+position decides, so prefill and decode still agree); with ``ATTN_SPLIT_LONG == ATTN_SPLIT`` there
+is one size.
 
 Rows of a tile are (query token, query head of the KV head's group) pairs, so a KV block is read once
 for the whole GQA group. One block shape and warp count for every call (``configs``): the reduction
@@ -63,7 +66,11 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
                 qk_scale, T, HQ,
                 s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_tb,
                 PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_LONG: tl.constexpr,
+                LONG_FROM: tl.constexpr):
+    """Program ``split`` covers KV from ``split * SPLIT``: SPLIT tokens for a query row at a position
+    below LONG_FROM, SPLIT_LONG (a multiple) for one at or past it, whose splits start only at every
+    (SPLIT_LONG / SPLIT)-th program. A row's splits follow from its own position alone."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,7 +85,10 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
     row_ok = t < q_len
     pos = seq_len - q_len + t  # absolute position of each row's query
     lo = split * SPLIT
-    hi = tl.minimum(lo + SPLIT, tl.max(tl.where(row_ok, pos, -1), axis=0) + 1)
+    long = pos >= LONG_FROM
+    active = row_ok & (lo <= pos) & ((pos < LONG_FROM) | (split % (SPLIT_LONG // SPLIT) == 0))
+    row_hi = tl.minimum(lo + tl.where(long, SPLIT_LONG, SPLIT), pos + 1)
+    hi = tl.max(tl.where(active, row_hi, lo), axis=0)
     if hi <= lo:
         return
     d = tl.arange(0, BD)
@@ -97,7 +107,7 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
         k = tl.load(kc + page[None, :] * s_kb + slot[None, :] * s_kt + kvh * s_kh + d[:, None],
                     mask=tok_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(qv, k) * qk_scale
-        visible = (tok[None, :] <= pos[:, None]) & (tok[None, :] >= lo) & row_ok[:, None]
+        visible = (tok[None, :] < row_hi[:, None]) & (tok[None, :] >= lo) & active[:, None]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -109,15 +119,15 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out_row = split * T + (q0 + t)
-    ok = row_ok & (lo <= pos)
-    tl.store(m_ws + out_row * HQ + head, m, mask=ok)
-    tl.store(l_ws + out_row * HQ + head, l, mask=ok)
-    tl.store(acc_ws + (out_row * HQ + head)[:, None] * D + d[None, :], acc, mask=ok[:, None] & d_ok[None, :])
+    tl.store(m_ws + out_row * HQ + head, m, mask=active)
+    tl.store(l_ws + out_row * HQ + head, l, mask=active)
+    tl.store(acc_ws + (out_row * HQ + head)[:, None] * D + d[None, :], acc, mask=active[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot, s_oh,
-                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, CS: tl.constexpr):
+                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, CS: tl.constexpr,
+                  SPLIT_LONG: tl.constexpr, LONG_FROM: tl.constexpr):
     """Fold a query row's splits, ``CS`` at a time: a chunk's partials are summed as one vector (a
     tree fixed by ``CS`` and the layout), the chunk sums in chunk order. Which lanes of a chunk hold
     splits depends on the row's own position only, so the order is the row's, whatever the batch;
@@ -128,26 +138,28 @@ def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot
     q0 = tl.load(qsl + b)
     q_len = tl.load(qsl + b + 1) - q0
     pos = tl.load(seq_lens + b) - q_len + (tok - q0)
-    n = pos // SPLIT + 1
+    long = pos >= LONG_FROM
+    n = tl.where(long, pos // SPLIT_LONG, pos // SPLIT) + 1  # this row's splits, in slots of ...
+    stride = tl.where(long, SPLIT_LONG // SPLIT, 1)  # ... every stride-th program
     c = tl.arange(0, CS)
     d = tl.arange(0, BD)
     d_ok = d < D
     ok = c < n
-    mx = tl.max(tl.load(m_ws + (c * T + tok) * HQ + head, mask=ok, other=float("-inf")), axis=0)
+    mx = tl.max(tl.load(m_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=float("-inf")), axis=0)
     for s0 in range(CS, n, CS):  # max is exact in any order
         sp = s0 + c
-        mx = tl.maximum(mx, tl.max(tl.load(m_ws + (sp * T + tok) * HQ + head, mask=sp < n,
+        mx = tl.maximum(mx, tl.max(tl.load(m_ws + (sp * stride * T + tok) * HQ + head, mask=sp < n,
                                            other=float("-inf")), axis=0))
-    w = tl.exp2(tl.load(m_ws + (c * T + tok) * HQ + head, mask=ok, other=float("-inf")) - mx)
-    total = tl.sum(tl.load(l_ws + (c * T + tok) * HQ + head, mask=ok, other=0.0) * w, axis=0)
-    acc = tl.sum(tl.load(acc_ws + ((c * T + tok) * HQ + head)[:, None] * D + d[None, :],
+    w = tl.exp2(tl.load(m_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=float("-inf")) - mx)
+    total = tl.sum(tl.load(l_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=0.0) * w, axis=0)
+    acc = tl.sum(tl.load(acc_ws + ((c * stride * T + tok) * HQ + head)[:, None] * D + d[None, :],
                          mask=ok[:, None] & d_ok[None, :], other=0.0) * w[:, None], axis=0)
     for s0 in range(CS, n, CS):
         sp = s0 + c
         sp_ok = sp < n
-        w = tl.exp2(tl.load(m_ws + (sp * T + tok) * HQ + head, mask=sp_ok, other=float("-inf")) - mx)
-        total += tl.sum(tl.load(l_ws + (sp * T + tok) * HQ + head, mask=sp_ok, other=0.0) * w, axis=0)
-        acc += tl.sum(tl.load(acc_ws + ((sp * T + tok) * HQ + head)[:, None] * D + d[None, :],
+        w = tl.exp2(tl.load(m_ws + (sp * stride * T + tok) * HQ + head, mask=sp_ok, other=float("-inf")) - mx)
+        total += tl.sum(tl.load(l_ws + (sp * stride * T + tok) * HQ + head, mask=sp_ok, other=0.0) * w, axis=0)
+        acc += tl.sum(tl.load(acc_ws + ((sp * stride * T + tok) * HQ + head)[:, None] * D + d[None, :],
                               mask=sp_ok[:, None] & d_ok[None, :], other=0.0) * w[:, None], axis=0)
     tl.store(out + tok * s_ot + head * s_oh + d, (acc / total).to(out.dtype.element_ty), mask=d_ok)
 
@@ -158,11 +170,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal attention of ``q`` [T, Hq, D] (the batch's query tokens, packed by sequence, each
     sequence's last ``q_len`` positions) over ``k_cache``/``v_cache`` [blocks, page, Hkv, D]
     through ``block_table`` [B, pages]; ``seq_lens`` [B] counts cached plus new tokens.
-    (``_shape`` = (block_m, block_n, split, warps[, combine chunk]) overrides the pinned shape:
-    benchmarks only; each is another numerics.)"""
+    (``_shape`` = (block_m, block_n, split, warps[, combine chunk[, long split, long from]]) overrides
+    the pinned shape: benchmarks only; each is another numerics.)"""
     pinned = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS,
-              configs.ATTN_COMBINE_CHUNK)
-    bm, bn, split, warps, cs = (*_shape, *pinned[len(_shape):]) if _shape else pinned
+              configs.ATTN_COMBINE_CHUNK, configs.ATTN_SPLIT_LONG, configs.ATTN_LONG_FROM)
+    bm, bn, split, warps, cs, split_long, long_from = (*_shape, *pinned[len(_shape):]) if _shape else pinned
+    if not split_long or (_shape and len(_shape) < 6):
+        split_long = split  # none named: one split size
+    if split_long % split or long_from % split_long:
+        raise ValueError(f"paged_attention: the long split ({split_long}) must be a multiple of the split ({split}) "
+                         f"and its start ({long_from}) a multiple of it")
     arch_of(q.device)
     T, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
@@ -190,8 +207,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         m_ws, l_ws, acc_ws, scale * LOG2E, T, HQ,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        PAGE=page, G=G, D=D, BD=BD, BM=bm, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
+        PAGE=page, G=G, D=D, BD=BD, BM=bm, BN=bn, SPLIT=split, SPLIT_LONG=split_long, LONG_FROM=long_from,
+        num_warps=warps, num_stages=3)
     _attn_combine[(T, HQ)](out, m_ws, l_ws, acc_ws, seq_lens, query_start_loc, p.token_seq, T, HQ,
                            out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=split, CS=cs,
+                           SPLIT_LONG=split_long, LONG_FROM=long_from,
                            num_warps=1 if cs <= 8 else 4)
     return out

@@ -36,6 +36,8 @@ ATTN_BLOCK_N = 128
 ATTN_WARPS = 4
 ATTN_SPLIT = 512  # tokens per KV split (a size, never a count)
 ATTN_COMBINE_CHUNK = 16  # splits folded as one vector (a fixed width: the tree never follows the batch)
+ATTN_SPLIT_LONG = 0  # tokens per KV split for query positions >= ATTN_LONG_FROM (a multiple of ATTN_SPLIT); 0: ATTN_SPLIT
+ATTN_LONG_FROM = 0  # (a multiple of ATTN_SPLIT_LONG); with one split size it changes nothing
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
 
@@ -102,7 +104,8 @@ def identity(arch: str = "sm90") -> dict[str, str]:
         digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     pinned = dict(MM_BLOCK_K=MM_BLOCK_K, MM_CHUNK_K=MM_CHUNK_K, ATTN_BLOCK_M=ATTN_BLOCK_M,
                   ATTN_BLOCK_N=ATTN_BLOCK_N, ATTN_WARPS=ATTN_WARPS, ATTN_SPLIT=ATTN_SPLIT,
-                  ATTN_COMBINE_CHUNK=ATTN_COMBINE_CHUNK, ROW_BLOCK_MAX=ROW_BLOCK_MAX)
+                  ATTN_COMBINE_CHUNK=ATTN_COMBINE_CHUNK, ATTN_SPLIT_LONG=ATTN_SPLIT_LONG,
+                  ATTN_LONG_FROM=ATTN_LONG_FROM, ROW_BLOCK_MAX=ROW_BLOCK_MAX)
     try:
         import triton
 
