@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -128,19 +127,9 @@ def row_ops() -> list[dict]:
     return rows
 
 
-HQ, HKV, D, PAGE = 32, 8, 128, 16  # a Qwen3-8B-like attention layer
-
-
-def decode_case(B: int, ctx: int):
-    """One decode step's inputs: B sequences of ``ctx`` cached tokens in shuffled pages."""
-    pages = ctx // PAGE
-    kc = torch.randn(B * pages, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    table = torch.randperm(B * pages, device="cuda", dtype=torch.int32).reshape(B, pages)
-    q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
-    seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-    qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-    return q, kc, vc, table, seq_lens, qsl
+# The decode cases and the SDPA baseline are bench/gpu_attention.py's (one definition of both).
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling, also under PYTHONSAFEPATH
+from gpu_attention import D, HKV, HQ, decode_case, sdpa_best  # noqa: E402
 
 
 def attention_rows(quick: bool) -> list[dict]:
@@ -159,19 +148,7 @@ def attention_rows(quick: bool) -> list[dict]:
             k = kc[table.long()].reshape(B, ctx, HKV, D).transpose(1, 2).contiguous()
             v = vc[table.long()].reshape(B, ctx, HKV, D).transpose(1, 2).contiguous()
             q4 = q[:, :, None, :]
-            best, best_name = float("inf"), "none"
-            warnings.filterwarnings("ignore", category=UserWarning)
-            for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                                  ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
-                try:
-                    with sdpa_kernel(backend):
-                        F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
-                        t = bench(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
-                except Exception as exc:  # noqa: BLE001 - a backend that does not take this case
-                    print(f"  sdpa {name}: {type(exc).__name__}: {str(exc)[:80]}", file=sys.stderr)
-                    continue
-                if t < best:
-                    best, best_name = t, name
+            best, best_name = sdpa_best(q4, k, v, timer=bench)
             with sdpa_kernel(SDPBackend.MATH):  # float64 reference for the first sequence (memory)
                 ref = F.scaled_dot_product_attention(q4[:1].double(), k[:1].double(), v[:1].double(),
                                                      enable_gqa=True)[:, :, 0]
