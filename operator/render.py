@@ -221,17 +221,27 @@ def render_children(view: ModelSpecView, owner: dict[str, Any],
     return children
 
 
+PEER_KEYS = {"podSelector", "namespaceSelector", "ipBlock"}  # what a NetworkPolicy peer may hold
+
+
+def _is_peer(p: Any) -> bool:
+    return isinstance(p, dict) and bool(p) and set(p) <= PEER_KEYS
+
+
+def _json_setting(name: str, raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not JSON: {exc}") from None
+
+
 def parse_ingress_from(raw: str | None) -> list[dict[str, Any]] | None:
     """``INVARIANT_OPERATOR_WORKER_INGRESS``: a JSON list of NetworkPolicy peers, or unset (no policy).
     ValueError, in one line, for anything else (the operator refuses to start on it)."""
     if raw is None or not raw.strip():
         return None
-    try:
-        peers = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"INVARIANT_OPERATOR_WORKER_INGRESS is not JSON: {exc}") from None
-    allowed = {"podSelector", "namespaceSelector", "ipBlock"}
-    if not isinstance(peers, list) or not all(isinstance(p, dict) and p and set(p) <= allowed for p in peers):
+    peers = _json_setting("INVARIANT_OPERATOR_WORKER_INGRESS", raw)
+    if not isinstance(peers, list) or not all(_is_peer(p) for p in peers):
         raise ValueError("INVARIANT_OPERATOR_WORKER_INGRESS must be a JSON list of NetworkPolicy peers "
                          "(objects of podSelector, namespaceSelector, ipBlock)")
     return peers
@@ -242,15 +252,11 @@ def parse_egress_to(raw: str | None) -> list[dict[str, Any]]:
     ``to`` and ``ports``) added to the workers' own; unset: none. ValueError, in one line, otherwise."""
     if raw is None or not raw.strip():
         return []
-    try:
-        rules = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"INVARIANT_OPERATOR_WORKER_EGRESS is not JSON: {exc}") from None
-    peer_keys = {"podSelector", "namespaceSelector", "ipBlock"}
+    rules = _json_setting("INVARIANT_OPERATOR_WORKER_EGRESS", raw)
     ok = isinstance(rules, list) and all(
         isinstance(r, dict) and r and set(r) <= {"to", "ports"}
         and isinstance(r.get("to", []), list) and isinstance(r.get("ports", []), list)
-        and all(isinstance(p, dict) and p and set(p) <= peer_keys for p in r.get("to", []))
+        and all(_is_peer(p) for p in r.get("to", []))
         and all(isinstance(p, dict) and p for p in r.get("ports", []))
         for r in rules)
     if not ok:

@@ -235,36 +235,28 @@ def test_workers_connect_to_dns_only_and_to_the_hub_over_https_when_they_fetch_f
     assert render_children(hub, OWNER, [GATEWAY_PEER], [mirror])[-1]["spec"]["egress"] == policy["spec"]["egress"]
 
 
-@pytest.mark.parametrize("raw,message", [
-    ("{not json", "is not JSON"),
-    ('{"to": []}', "must be a JSON list"),
-    ('[{"to": [], "from": []}]', "must be a JSON list"),
-    ('[{"to": [{"service": "x"}]}]', "must be a JSON list"),
-    ('[{"to": "everyone"}]', "must be a JSON list"),
-    ("[{}]", "must be a JSON list"),
+@pytest.mark.parametrize("setting,raw,message", [
+    ("ingress", "{not json", "is not JSON"),
+    ("ingress", '{"podSelector": {}}', "must be a JSON list"),
+    ("ingress", '[{"podSelector": {}, "ports": []}]', "must be a JSON list"),
+    ("ingress", "[{}]", "must be a JSON list"),
+    ("ingress", '["gateway"]', "must be a JSON list"),
+    ("egress", "{not json", "is not JSON"),
+    ("egress", '{"to": []}', "must be a JSON list"),
+    ("egress", '[{"to": [], "from": []}]', "must be a JSON list"),
+    ("egress", '[{"to": [{"service": "x"}]}]', "must be a JSON list"),
+    ("egress", '[{"to": "everyone"}]', "must be a JSON list"),
+    ("egress", "[{}]", "must be a JSON list"),
 ])
-def test_bad_worker_egress_settings_are_refused_in_one_line(raw, message):
-    from invariant.operator.render import parse_egress_to
+def test_bad_worker_network_settings_are_refused_in_one_line(setting, raw, message):
+    from invariant.operator.render import parse_egress_to, parse_ingress_from
 
+    parse = parse_ingress_from if setting == "ingress" else parse_egress_to
     with pytest.raises(ValueError) as err:
-        parse_egress_to(raw)
-    assert message in str(err.value) and "\n" not in str(err.value)
+        parse(raw)
+    assert message in str(err.value) and f"INVARIANT_OPERATOR_WORKER_{setting.upper()}" in str(err.value)
+    assert "\n" not in str(err.value)
     assert parse_egress_to(None) == [] and parse_egress_to("[]") == []
-
-
-@pytest.mark.parametrize("raw,message", [
-    ("{not json", "is not JSON"),
-    ('{"podSelector": {}}', "must be a JSON list"),
-    ('[{"podSelector": {}, "ports": []}]', "must be a JSON list"),
-    ("[{}]", "must be a JSON list"),
-    ('["gateway"]', "must be a JSON list"),
-])
-def test_bad_worker_ingress_settings_are_refused_in_one_line(raw, message):
-    from invariant.operator.render import parse_ingress_from
-
-    with pytest.raises(ValueError) as err:
-        parse_ingress_from(raw)
-    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_worker_ingress_settings_parse():
