@@ -476,6 +476,11 @@ def keyed(redis_server, tmp_path_factory):  # noqa: F811
     worker.stop()
 
 
+def request_head(*headers: bytes) -> bytes:
+    """A completions request's head with these header lines (each ending in CRLF), sent as bytes."""
+    return b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + b"".join(headers)
+
+
 def raw_request(gw, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send bytes as they are (httpx refuses to send malformed headers); (status, body) or (0, b"")
     when the server closed the connection without an answer."""
@@ -515,8 +520,7 @@ HOSTILE_AUTH = {
 @pytest.mark.parametrize("case", list(HOSTILE_AUTH))
 def test_hostile_authorization_headers_are_401s_and_store_nothing(keyed, redis_server, case):
     value = HOSTILE_AUTH[case]
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    head += f"Content-Length: {len(OK_BODY)}\r\n".encode()
+    head = request_head(f"Content-Length: {len(OK_BODY)}\r\n".encode())
     if value is not None:
         head += b"Authorization: " + value.encode("latin-1") + b"\r\n"
     before = redis_cli(redis_server, "DBSIZE")
@@ -536,8 +540,7 @@ def test_authorization_in_other_forms_of_the_right_key(keyed):
         resp = httpx.post(f"{keyed.url}/v1/completions", content=OK_BODY, timeout=30,
                           headers={"content-type": "application/json", "authorization": value})
         assert resp.status_code == 200, (value, resp.text[:200])
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(OK_BODY)}\r\n".encode() + b"Authorization: Bearer \xff\xfe\xe9\r\n")
+    head = request_head(f"Content-Length: {len(OK_BODY)}\r\n".encode(), b"Authorization: Bearer \xff\xfe\xe9\r\n")
     assert raw_request(keyed, head, OK_BODY.encode())[0] == 401
 
 
@@ -547,9 +550,8 @@ def test_authorization_in_other_forms_of_the_right_key(keyed):
 ])  # no-cache: generated fresh and not stored (docs/gateway.md); unknown directives are ignored
 def test_hostile_cache_control_headers_are_served_and_no_store_is_kept(keyed, redis_server, value, stored):
     body = json.dumps({"model": "m", "prompt": f"cache-control {value!r}", "max_tokens": 4, "temperature": 0})
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\nAuthorization: Bearer {KEY}\r\n".encode()
-            + b"Cache-Control: " + value.encode("latin-1") + b"\r\n")
+    head = request_head(f"Content-Length: {len(body)}\r\nAuthorization: Bearer {KEY}\r\n".encode(),
+                        b"Cache-Control: " + value.encode("latin-1") + b"\r\n")
     before = len(entries(redis_server))
     status, answer = raw_request(keyed, head, body.encode())
     assert status == 200, (status, answer[:200])
@@ -560,8 +562,7 @@ def test_hostile_cache_control_headers_are_served_and_no_store_is_kept(keyed, re
 @pytest.mark.parametrize("length", [b"-1", b"abc", b"1e3", b"99999999999999999999999", b"5, 7"])
 def test_malformed_content_lengths_are_refused_before_the_body(keyed, redis_server, length):
     before = redis_cli(redis_server, "DBSIZE")
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {KEY}\r\n".encode() + b"Content-Length: " + length + b"\r\n")
+    head = request_head(f"Authorization: Bearer {KEY}\r\n".encode(), b"Content-Length: " + length + b"\r\n")
     status, _ = raw_request(keyed, head, OK_BODY.encode())
     assert status in (0, 400, 413), status  # h11's 400 or our 413; never a 500, never served
     assert redis_cli(redis_server, "DBSIZE") == before
@@ -586,8 +587,7 @@ def test_too_many_or_too_large_headers_are_refused_without_a_500(keyed):
     many = b"".join(f"X-H{i}: v\r\n".encode() for i in range(3000))
     huge = b"X-Big: " + b"v" * 200_000 + b"\r\n"
     for extra in (many, huge):
-        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(OK_BODY)}\r\nAuthorization: Bearer {KEY}\r\n".encode() + extra)
+        head = request_head(f"Content-Length: {len(OK_BODY)}\r\nAuthorization: Bearer {KEY}\r\n".encode(), extra)
         status, _ = raw_request(keyed, head, OK_BODY.encode())
         assert status in (0, 200, 400, 413, 431), status
     # and the gateway still serves
