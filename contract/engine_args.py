@@ -12,6 +12,9 @@ ENGINE_ARG_ALLOW = {
     "--max-num-seqs": "int",
     "--max-num-batched-tokens": "int",
     "--gpu-memory-utilization": "float",
+    # A fixed KV-cache size instead of a share of the GPU (vLLM then skips its memory profile, which
+    # fails when another process on the same GPU frees memory meanwhile): block count, not numerics.
+    "--kv-cache-memory-bytes": "int",
     "--enable-prefix-caching": "flag",
     "--no-enable-prefix-caching": "flag",
     "--enable-chunked-prefill": "flag",

@@ -35,6 +35,10 @@ import sys
 BATCH_SIZES = (2, 5, 16, 33, 64, 128)
 SPLIT_AT = 40  # split_prefill: tokens of the prompt's prefill in the first step
 GPU_BATCH_SIZES = BATCH_SIZES + (256, 512)  # a GPU serves hundreds of requests a step
+# What one engine takes of the GPU (engine_kwargs says why the KV cache is a fixed size): 8 GiB of
+# KV plus weights, activations and CUDA graphs, about 12 GiB on the made medium model.
+GPU_KV_CACHE_BYTES = 8 << 30
+GPU_MEMORY_SHARE = 0.12
 WORDS = ("the numbers of a request should depend on the request and the numerics only never on the "
          "batch it happens to share with other requests in a busy server").split()
 
@@ -68,6 +72,12 @@ def engine_kwargs(model: str, mode: str, budget: int, cuda: bool, eager: bool, m
     kwargs = dict(model=model, dtype=dtype, max_model_len=1024, enforce_eager=eager or not cuda, seed=0,
                   gpu_memory_utilization=0.3, max_num_batched_tokens=budget, max_num_seqs=min(max_seqs, budget),
                   enable_prefix_caching=True, enable_chunked_prefill=True)
+    if cuda:
+        # A fixed KV cache (512 prompts of up to ~300 tokens plus 64 steps need ~6 GiB on the made
+        # medium model) rather than a share of the GPU: tests/test_gpu_vllm.py starts engines side by
+        # side, and vLLM's memory profile fails when another process frees memory while it measures
+        # (with a fixed size it is skipped). The utilization only has to be free at start.
+        kwargs.update(gpu_memory_utilization=GPU_MEMORY_SHARE, kv_cache_memory_bytes=GPU_KV_CACHE_BYTES)
     if cuda and mode == "invariant":
         from invariant.worker.numerics import GPU_INVARIANT_ATTENTION, inductor_patches
 

@@ -18,6 +18,7 @@ in an engine of a 48-token budget, amid a crowd as alone.
 from __future__ import annotations
 
 import importlib.util
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,42 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")]
 
 BATCH_SIZES = (2, 5, 16, 33, 64, 128, 256, 512)
+# Engines running side by side (each about 12 GiB: tests/engine_run.py sizes its KV cache): the file's
+# nine engines took 731 s one after the other on the H200, most of it compiling and capturing graphs.
+ENGINES_AT_ONCE = 4
+
+
+@pytest.fixture(scope="session")
+def leak_model(tmp_path_factory) -> Path:
+    """The model upstream's leak was first measured on (made Qwen3 small, hidden 1024)."""
+    return make_model(tmp_path_factory.mktemp("leak-model") / "small", ModelSpec(size="small"))
 
 
 @pytest.fixture(scope="module")
-def runs(gpu_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-runs")
-    return {"full": engine(gpu_model, "invariant", 2048, root / "full.json"),
-            "chunked": engine(gpu_model, "invariant", SMALL_BUDGET, root / "chunked.json")}
+def engines(gpu_model, leak_model, tmp_path_factory):
+    """Every engine run of this file, started at once (at most ENGINES_AT_ONCE side by side) in the
+    order the tests need them; each test waits for its own. Each engine is still its own process on
+    its own prompts: running beside another changes nothing a request's bits depend on."""
+    root = tmp_path_factory.mktemp("gpu-engines")
+    plan = {
+        "full": (gpu_model, "invariant", 2048), "chunked": (gpu_model, "invariant", SMALL_BUDGET),
+        "stock": (gpu_model, "stock", 2048), "stock_chunked": (gpu_model, "stock", SMALL_BUDGET),
+        "eager_upstream": (leak_model, "upstream", 2048, "--eager"),
+        "eager_invariant": (leak_model, "invariant", 2048, "--eager"),
+        "eager_invariant_chunked": (leak_model, "invariant", SMALL_BUDGET, "--eager"),
+        "canary_upstream": (leak_model, "upstream", 2048, "--eager", "--canary"),
+        "canary_invariant": (leak_model, "invariant", 2048, "--eager", "--canary"),
+    }
+    pool = ThreadPoolExecutor(max_workers=ENGINES_AT_ONCE)
+    futures: dict[str, Future] = {name: pool.submit(engine, model, mode, budget, root / f"{name}.json", *flags)
+                                  for name, (model, mode, budget, *flags) in plan.items()}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def runs(engines):
+    return {"full": engines["full"].result(), "chunked": engines["chunked"].result()}
 
 
 def varied(res: dict, ref: str, prefix: str) -> list[int]:
@@ -80,28 +110,19 @@ def test_chunked_prefill_gives_the_same_bits_in_a_crowd(runs):
     assert_same(runs["chunked"]["crowd_chunked"], runs["chunked"]["alone_chunked"], "crowd chunked")
 
 
-def test_control_stock_vllm_varies_on_the_gpu(gpu_model, tmp_path):
-    res = engine(gpu_model, "stock", 2048, tmp_path / "stock.json")
+def test_control_stock_vllm_varies_on_the_gpu(engines):
+    res = engines["stock"].result()
     assert varied(res, "alone", "batch"), "stock vLLM showed no batch variance: the control proves nothing"
     assert varied(res, "seeded_alone", "seeded"), "stock vLLM showed no seeded batch variance"
     assert first_diff(res["split_prefill"], res["alone"]) is not None, "stock vLLM showed no variance behind a full step"
-    small = engine(gpu_model, "stock", SMALL_BUDGET, tmp_path / "stock_chunked.json")
+    small = engines["stock_chunked"].result()
     assert first_diff(small["crowd_chunked"], small["alone_chunked"]) is not None, \
         "stock vLLM at a 48-token budget showed no variance amid the crowd: the chunked test proves nothing"
 
 
-@pytest.fixture(scope="session")
-def leak_model(tmp_path_factory) -> Path:
-    """The model upstream's leak was first measured on (made Qwen3 small, hidden 1024)."""
-    return make_model(tmp_path_factory.mktemp("leak-model") / "small", ModelSpec(size="small"))
-
-
 @pytest.fixture(scope="module")
-def eager(leak_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-eager")
-    runs = {mode: engine(leak_model, mode, 2048, root / f"{mode}.json", "--eager") for mode in ("upstream", "invariant")}
-    runs["invariant_chunked"] = engine(leak_model, "invariant", SMALL_BUDGET, root / "chunked.json", "--eager")
-    return runs
+def eager(engines):
+    return {name: engines[f"eager_{name}"].result() for name in ("upstream", "invariant", "invariant_chunked")}
 
 
 def test_upstream_invariant_mode_leaks_in_eager_mode(eager):
@@ -126,6 +147,6 @@ def test_eager_engines_of_other_budgets_give_the_same_bits(eager, case):
 
 
 @pytest.mark.parametrize("mode,ok", [("upstream", False), ("invariant", True)])
-def test_the_canary_catches_the_eager_leak(leak_model, tmp_path, mode, ok):
-    verdict = engine(leak_model, mode, 2048, tmp_path / "canary.json", "--eager", "--canary")["canary"]
+def test_the_canary_catches_the_eager_leak(engines, mode, ok):
+    verdict = engines[f"canary_{mode}"].result()["canary"]
     assert verdict["ok"] is ok, verdict

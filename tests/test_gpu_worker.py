@@ -35,7 +35,11 @@ LONG_PROMPT = PROMPT + " " + " ".join(PROMPT.split()[i % 16] for i in range(350)
 PARAMS = [{"temperature": 0}, {"temperature": 0.8, "seed": 4242},
           {"temperature": 0, "prompt": LONG_PROMPT}, {"temperature": 0.8, "seed": 4242, "prompt": LONG_PROMPT}]
 IDS = ["greedy", "seeded", "greedy-long", "seeded-long"]
-ENGINE = ["--engine-arg=--gpu-memory-utilization=0.4", "--engine-arg=--max-num-seqs=512"]
+# A fixed KV cache (crowds of 512 need about 6 GiB on the made medium model), so that the three
+# workers can start side by side: vLLM's memory profile fails when another process frees memory
+# while it measures, and is skipped for a fixed size (tests/engine_run.py does the same).
+ENGINE = ["--engine-arg=--gpu-memory-utilization=0.12", f"--engine-arg=--kv-cache-memory-bytes={8 << 30}",
+          "--engine-arg=--max-num-seqs=512"]
 
 
 def crowds(url: str, name: str) -> dict:
@@ -45,23 +49,29 @@ def crowds(url: str, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def served(gpu_model, tmp_path_factory):
-    """The workers, one after the other (one GPU): what each returned in every crowd. ``again`` is
-    the invariant worker started anew with empty compile caches, as a replica on another node
-    starts: it compiles and picks its kernels afresh (the prompt alone only)."""
+    """The workers, started side by side (each compiles and captures its graphs for about 100 s),
+    then sent their crowds one worker at a time: what each returned in every crowd. ``again`` is the
+    invariant worker started anew with empty compile caches, as a replica on another node starts: it
+    compiles and picks its kernels afresh (the prompt alone only)."""
     logs = tmp_path_factory.mktemp("gpu-worker-logs")
     fresh = {"VLLM_DISABLE_COMPILE_CACHE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor")),
              "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton"))}
+    plan = (("invariant", (), None), ("stock", ("--no-invariance",), None), ("again", (), fresh))
+    workers = {}
     out = {}
-    for label, extra, env in (("invariant", (), None), ("stock", ("--no-invariance",), None), ("again", (), fresh)):
-        worker = start_worker(gpu_model, logs, *extra, *ENGINE, name="m", env=env)
-        try:
+    try:
+        for label, extra, env in plan:
+            workers[label] = start_worker(gpu_model, logs, *extra, *ENGINE, name="m", env=env)
+        for label, worker in workers.items():
             wait_ready(worker, timeout=600)
             out[label] = {"ready": httpx.get(f"{worker.url}/invariant/ready", timeout=5).json(),
                           "fingerprint": httpx.get(f"{worker.url}/invariant/fingerprint", timeout=5).json()}
+        for label, worker in workers.items():
             out[label]["crowds"] = (crowds(worker.url, "m") if label != "again" else
                                     {(i, 1): asyncio.run(crowd_run(worker.url, "m", 1, params, seed=1, tokens=TOKENS))
                                      for i, params in enumerate(PARAMS)})
-        finally:
+    finally:
+        for worker in workers.values():
             worker.stop()
     return out
 

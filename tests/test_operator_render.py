@@ -112,7 +112,7 @@ REFUSALS = [
     ({"engineArgs": ["--kv-cache-dtype=fp8"]}, "engine arg --kv-cache-dtype is refused: a KV-cache dtype changes the numerics"),
     ({"engineArgs": ["--dtype=float16"]}, "engine arg --dtype is refused: the dtype is a pin (spec.numerics.dtype, or the worker's --dtype)"),
     ({"engineArgs": ["--frobnicate"]}, "engine arg --frobnicate is not in the allow-list (--enable-chunked-prefill, "
-     "--enable-prefix-caching, --gpu-memory-utilization, --max-model-len, --max-num-batched-tokens, --max-num-seqs, "
+     "--enable-prefix-caching, --gpu-memory-utilization, --kv-cache-memory-bytes, --max-model-len, --max-num-batched-tokens, --max-num-seqs, "
      "--no-enable-prefix-caching, --swap-space)"),
     ({"engineArgs": ["--max-model-len"]}, "engine arg --max-model-len needs a value: write --max-model-len=VALUE"),
     ({"engineArgs": ["--max-num-seqs=lots"]}, "engine arg --max-num-seqs needs an integer, got 'lots'"),
