@@ -3,9 +3,10 @@
     python3 bench/gpu_worker_cost.py MODEL_DIR --out DIR        (the device, carried vLLM on PYTHONPATH)
     python3 bench/gpu_worker_cost.py --plot DIR/gpu_worker_cost.json   (anywhere with matplotlib)
 
-Starts ``invariant worker`` three times on the same model, one after another: ``--no-invariance``
-(stock vLLM 0.26, CUDA graphs), invariant with upstream's GEMM (the default), and invariant with
-``--gpu-gemm invariant`` (our Triton GEMM). Each worker must pass its start-up canary to become
+Starts ``invariant worker`` once per mode on the same model, one after another (``--modes``):
+``--no-invariance`` (stock vLLM 0.26, CUDA graphs), invariant as it ships (``--gpu-gemm auto``:
+cuBLASLt without split-K on Hopper), with upstream's Triton GEMM (``--gpu-gemm vllm``) and with ours
+(``--gpu-gemm invariant``). Each worker must pass its start-up canary to become
 ready. Two loads of streamed completions (greedy, ignore_eos) measure output tokens/s over a wave and
 time to first token per request: ``default`` (about 256 prompt tokens, 128 output tokens, concurrency
 1, 8 and 64) and ``prefill`` (prompts of 2,048-3,847 token ids, 16 output tokens, concurrency 1 and 8:
@@ -35,7 +36,10 @@ REPEAT = 3  # waves per cell; the table quotes the median wave (tok/s) and the m
 OUTPUT_TOKENS = 128
 # load -> (concurrency levels, requests per wave at each, output tokens)
 LOADS = {"default": (CONCURRENCY, REQUESTS, OUTPUT_TOKENS), "prefill": ((1, 8), {1: 6, 8: 24}, 16)}
-MODES = {"stock": ["--no-invariance"], "invariant": [], "invariant+our-gemm": ["--gpu-gemm", "invariant"]}
+# "invariant" is the worker's default (--gpu-gemm auto: cuBLASLt without split-K on Hopper); the others
+# name the GEMM: upstream's persistent Triton matmul (what vLLM 0.26's invariant mode runs) and ours.
+MODES = {"stock": ["--no-invariance"], "invariant": [], "invariant+vllm-gemm": ["--gpu-gemm", "vllm"],
+         "invariant+our-gemm": ["--gpu-gemm", "invariant"]}
 WORDS = "every reduction keeps its order whatever else shares the batch so the bits hold".split()
 
 
@@ -92,9 +96,12 @@ def cell(waves: list[dict]) -> dict:
             "ttft_ms_median": statistics.median(t for w in waves for t in w["ttft_ms"])}
 
 
-def measure(model: str, out: Path, loads: tuple[str, ...] = tuple(LOADS)) -> dict:
+def measure(model: str, out: Path, loads: tuple[str, ...] = tuple(LOADS), modes: tuple[str, ...] = tuple(MODES)) -> dict:
+    """Every mode in turn (stock first: the baseline); the JSON so far is rewritten after each cell,
+    so a device visit cut short keeps what it measured."""
     rows, meta = [], {}
-    for label, extra in MODES.items():
+    for label in ("stock", *(m for m in modes if m != "stock")):
+        extra = MODES[label]
         port = 8100 + len(rows)
         url = f"http://127.0.0.1:{port}"
         log = out / f"worker_{label.replace('+', '_')}.log"
@@ -116,6 +123,8 @@ def measure(model: str, out: Path, loads: tuple[str, ...] = tuple(LOADS)) -> dic
                 for c in levels:
                     r = cell([asyncio.run(wave(url, c, requests[c], 1000 * k, load)) for k in range(REPEAT)])
                     rows.append({"mode": label, **r})
+                    (out / "gpu_worker_cost.json").write_text(json.dumps({"rows": rows, "meta": meta, "model": model},
+                                                                         indent=1))
                     print(f"  {load} c={c:3d}: {r['tok_s']:9.1f} tok/s  TTFT median {r['ttft_ms_median']:8.2f} ms",
                           flush=True)
         finally:
@@ -174,6 +183,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated, of {', '.join(LOADS)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (stock always runs)")
     ap.add_argument("--plot", type=Path, help="only draw the plot (and the table) from a results JSON")
     args = ap.parse_args()
     if args.plot:
@@ -183,7 +193,11 @@ def main() -> None:
         print(table(res))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    res = measure(args.model, args.out, tuple(args.loads.split(",")))
+    modes = tuple(args.modes.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"--modes: unknown {', '.join(unknown)} (of {', '.join(MODES)})")
+    res = measure(args.model, args.out, tuple(args.loads.split(",")), modes)
     (args.out / "gpu_worker_cost.json").write_text(json.dumps(res, indent=1))
     (args.out / "gpu_worker_cost.md").write_text(table(res))
     print(table(res))

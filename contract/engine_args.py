@@ -67,8 +67,16 @@ def engine_arg_errors(args: list[Any]) -> list[str]:
 
 
 # Whose GEMM an invariant CUDA worker runs (worker --gpu-gemm, DeterministicModel spec.numerics.gemm):
-# upstream's persistent Triton matmul, or ours (invariant.kernels.gpu: fixed K chunks, a kernel per M).
-GPU_GEMMS = ("vllm", "invariant")
+# - "cublaslt": cuBLASLt with upstream's invariant settings (a 1-byte workspace, so no split-K, and no
+#   reduced-precision reduction), Hopper and later; that cuBLAS's heuristics pick one reduction
+#   order for every M is checked at start-up by the kernel canary;
+# - "vllm": upstream's persistent Triton matmul, which vLLM 0.26's invariant mode runs in every
+#   linear layer on every GPU (3.6x cuBLAS's kernel time per decoded token on the H200, 2026-12-03);
+# - "invariant": ours (invariant.kernels.gpu: fixed K chunks, a kernel per M);
+# - "auto" (the default): the fastest of these for the GPU, cuBLASLt from Hopper (sm90) on, vLLM's
+#   Triton matmul before. The fingerprint names the GEMM it resolved to.
+GPU_GEMMS = ("auto", "cublaslt", "vllm", "invariant")
+GPU_GEMM_DEFAULT = "auto"
 
 # vLLM's CPU KV-cache block size: the worker never changes vLLM's default (--block-size is not an
 # allowed engine arg); the trainer lays out its paged cache the same way.

@@ -132,8 +132,11 @@ def _bench_determinism(args: argparse.Namespace) -> None:
 
 
 def _add_gemm_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-gemm", default="vllm", metavar="{vllm,invariant}",
-                   help="invariant CUDA worker's GEMM: vllm (upstream's persistent Triton matmul, default) or "
+    from invariant.contract.engine_args import GPU_GEMM_DEFAULT, GPU_GEMMS
+
+    p.add_argument("--gpu-gemm", default=GPU_GEMM_DEFAULT, metavar="{" + ",".join(GPU_GEMMS) + "}",
+                   help="invariant CUDA worker's GEMM: auto (default: cuBLASLt without split-K from Hopper on, "
+                        "vLLM's Triton matmul before), cublaslt, vllm (upstream's persistent Triton matmul) or "
                         "invariant (ours: fixed K chunks, a kernel per batch size)")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from invariant.contract.engine_args import GPU_GEMMS
+from invariant.contract.engine_args import GPU_GEMM_DEFAULT, GPU_GEMMS
 from invariant.operator.spec import API_GROUP, API_VERSION, DTYPES, KIND, PLURAL, SHARING
 from invariant.contract import cache as cache_policy, fingerprint
 
@@ -70,9 +70,10 @@ def spec_schema() -> dict[str, Any]:
                     "driverVersion": {"type": "string", "pattern": r"^\d+\.\d+(\.\d+)?$"},
                     "dtype": {"type": "string", "enum": list(DTYPES), "default": "bfloat16"},
                     "tensorParallelSize": {"type": "integer", "minimum": 1, "maximum": 8, "default": 1},
-                    "gemm": {"type": "string", "enum": list(GPU_GEMMS), "default": "vllm",
-                             "description": "Whose GEMM the worker runs: vLLM's invariant Triton matmul or "
-                                            "invariant's (faster on H100; docs/gpu-vllm.md). Part of the fingerprint."},
+                    "gemm": {"type": "string", "enum": list(GPU_GEMMS), "default": GPU_GEMM_DEFAULT,
+                             "description": "Whose GEMM the worker runs: auto (cuBLASLt without split-K from "
+                                            "Hopper on, vLLM's Triton matmul before), cublaslt, vllm, or invariant's "
+                                            "(docs/gpu-vllm.md). The fingerprint names the one it resolved to."},
                     "expectedFingerprint": {"type": "string", "pattern": fingerprint.PATTERN,
                                             "description": "Optional: the exact numerics fingerprint to require."},
                 },

@@ -13,6 +13,7 @@ from typing import Any
 
 from invariant.operator.spec import API_GROUP, API_VERSION, KIND, ModelSpecView
 from invariant.contract import routes
+from invariant.contract.engine_args import GPU_GEMM_DEFAULT
 from invariant.contract.worker_argv import worker_argv
 
 WORKER_PORT = 8000
@@ -73,7 +74,7 @@ def worker_args(view: ModelSpecView) -> list[str]:
                        host="0.0.0.0", port=WORKER_PORT, dtype=n.dtype, served_model_name=view.model.served_name,
                        tensor_parallel_size=n.tensor_parallel_size, expect_gpu_product=n.gpu_product,
                        expect_driver_version=n.driver_version, expect_fingerprint=n.expected_fingerprint or None,
-                       gpu_gemm=n.gemm if n.gemm != "vllm" else None, engine_args=view.engine_args)
+                       gpu_gemm=n.gemm if n.gemm != GPU_GEMM_DEFAULT else None, engine_args=view.engine_args)
 
 
 def _resources(view: ModelSpecView) -> dict[str, Any]:

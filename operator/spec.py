@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from invariant.contract.engine_args import GPU_GEMMS, engine_arg_errors
+from invariant.contract.engine_args import GPU_GEMM_DEFAULT, GPU_GEMMS, engine_arg_errors
 from invariant.contract import cache as cache_policy, crd, fingerprint
 
 API_GROUP, API_VERSION, KIND, PLURAL = crd.GROUP, crd.VERSION, crd.KIND, crd.PLURAL
@@ -50,12 +50,12 @@ class Numerics:
     dtype: str
     tensor_parallel_size: int
     expected_fingerprint: str | None = None
-    gemm: str = "vllm"
+    gemm: str = GPU_GEMM_DEFAULT
 
     def pins(self) -> dict[str, Any]:
         pins = {"image": self.image, "gpuProduct": self.gpu_product, "driverVersion": self.driver_version,
                 "dtype": self.dtype, "tensorParallelSize": self.tensor_parallel_size}
-        if self.gemm != "vllm":  # only when chosen: models deployed before the field keep their pins hash
+        if self.gemm != GPU_GEMM_DEFAULT:  # only when chosen: models deployed before the field keep their pins hash
             pins["gemm"] = self.gemm
         return pins
 
@@ -123,7 +123,7 @@ def parse_spec(name: str, namespace: str, spec: Mapping[str, Any]) -> ModelSpecV
     tp = num.get("tensorParallelSize", 1)
     if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= 8:
         errors.append(f"spec.numerics.tensorParallelSize {tp!r} must be an integer from 1 to 8")
-    gemm = num.get("gemm", "vllm")
+    gemm = num.get("gemm", GPU_GEMM_DEFAULT)
     if gemm not in GPU_GEMMS:
         errors.append(f"spec.numerics.gemm {gemm!r} must be one of {', '.join(GPU_GEMMS)}")
     expected = num.get("expectedFingerprint")

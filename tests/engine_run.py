@@ -54,7 +54,12 @@ def configure(mode: str, cuda: bool) -> None:
     if cuda:
         os.environ["VLLM_BATCH_INVARIANT"] = "0" if mode == "stock" else "1"
         if mode == "invariant":
+            from invariant.contract.engine_args import GPU_GEMM_DEFAULT
+            from invariant.worker import numerics, plugin
+
             os.environ["INVARIANT_BATCH_INVARIANT"] = "cuda"
+            # The worker's default GEMM on this GPU, as the worker resolves it (worker/server.py).
+            os.environ[plugin.GEMM_ENV] = numerics.resolve_gpu_gemm(GPU_GEMM_DEFAULT, numerics.cuda_arch())
         else:
             os.environ.pop("INVARIANT_BATCH_INVARIANT", None)
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")

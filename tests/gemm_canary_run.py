@@ -5,8 +5,9 @@ handle is made: each GEMM gets a process of its own.
 
     python tests/gemm_canary_run.py MODE BUDGET SHAPE...     (SHAPE: name=K,N)
 
-MODE: ``cublas`` (PyTorch's default cuBLAS), ``vllm`` (upstream's invariant mode, enabled through
-vLLM's own function: on Hopper cuBLASLt with a 1-byte workspace, no split-K), ``ours``
+MODE: ``cublas`` (PyTorch's default cuBLAS), ``cublaslt`` (torch's linear under upstream's invariant
+mode, enabled through vLLM's own function: on Hopper cuBLASLt with a 1-byte workspace, no split-K),
+``vllm`` (the GEMM vLLM's linear layers call in that mode: its persistent Triton matmul), ``ours``
 (invariant.kernels.gpu.matmul). Prints one JSON line: per shape the first failure (or null), seconds.
 """
 
@@ -27,7 +28,7 @@ def enable_vllm_invariant_gemm() -> None:
 
 def main(argv: list[str]) -> None:
     mode, budget, shapes = argv[0], int(argv[1]), argv[2:]
-    if mode == "vllm":
+    if mode in ("cublaslt", "vllm"):
         enable_vllm_invariant_gemm()
     import torch
 
@@ -37,8 +38,10 @@ def main(argv: list[str]) -> None:
         from invariant.kernels.gpu import matmul
 
         gemm = matmul.linear
-    elif mode in ("cublas", "vllm"):
+    elif mode in ("cublas", "cublaslt"):
         gemm = torch.nn.functional.linear
+    elif mode == "vllm":
+        from vllm.model_executor.layers.batch_invariant import linear_batch_invariant as gemm
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     out = {"mode": mode, "budget": budget, "sizes": len(kc.gpu_gemm_sizes(budget)), "shapes": {}}

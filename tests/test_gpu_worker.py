@@ -83,6 +83,9 @@ def test_worker_is_ready_with_its_canary_and_gpu_fingerprint(served):
     assert parts["device"]["kind"] == "cuda" and parts["device"]["driver"] and parts["device"]["capability"]
     assert parts["kernels"]["batch_invariant"] == "vllm+invariant-rmsnorm"
     assert parts["kernels"]["attention"] == "TRITON_ATTN" and parts["kernels"]["sampler"] == "triton-topk-topp"
+    # the default GEMM, resolved for this GPU: cuBLASLt without split-K from Hopper on
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert parts["kernels"]["gemm"] == ("cublaslt" if hopper else "vllm"), parts["kernels"]
     assert parts["kernels"]["invariant_kernels"]["arch"].startswith("sm")
     assert parts["kernels"]["inductor"]["deterministic"] is True and "max_num_seqs" in parts["kernels"]["compiled_for"]
     assert served["stock"]["fingerprint"]["fingerprint"] != inv["fingerprint"]["fingerprint"]

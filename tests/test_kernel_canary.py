@@ -260,11 +260,12 @@ def _gemm_canary(mode: str, budget: int, names: list[str]) -> dict:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")
 def test_the_gemm_canary_fails_cublas_default_and_passes_the_gemms_the_cuda_worker_runs():
     """Issue 16: cuBLAS's default GEMM was batch-variant at 34 of 528 M values on ``o`` and 179 on
-    ``down``; upstream's invariant mode (cuBLASLt without split-K on Hopper) and ours were invariant
-    wherever tried. The worker's check, at the sizes it uses, must reject the first and pass the others."""
+    ``down``; cuBLASLt under upstream's invariant settings (no split-K on Hopper: the worker's default
+    there), upstream's Triton matmul and ours were invariant wherever tried. The worker's check, at the
+    sizes it uses, must reject the first and pass the others."""
     control = _gemm_canary("cublas", 2048, ["o", "down"])
     assert any(r["failure"] for r in control["shapes"].values()), control
-    for mode in ("vllm", "ours"):
+    for mode in ("cublaslt", "vllm", "ours"):
         res = _gemm_canary(mode, 2048, list(QWEN3_8B))
         assert all(r["failure"] is None for r in res["shapes"].values()), res
         print(mode, {n: r["seconds"] for n, r in res["shapes"].items()})

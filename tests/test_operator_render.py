@@ -60,6 +60,7 @@ def test_rendering_is_a_pure_function():
     {"numerics.tensorParallelSize": 2},
     {"model.huggingFace.revision": "f" * 40},
     {"numerics.gemm": "invariant"},
+    {"numerics.gemm": "vllm"},  # upstream's Triton matmul, named: other bits than the default's cuBLASLt
 ])
 def test_every_pin_change_is_a_rollout(change):
     before = render(dm_spec())[0]["spec"]["template"]["metadata"]["labels"][LABEL_PINS]
@@ -68,7 +69,7 @@ def test_every_pin_change_is_a_rollout(change):
 
 
 @pytest.mark.parametrize("change", [{"replicas": 5}, {"cache.ttlSeconds": 10}, {"engineArgs": ["--max-num-seqs=8"]},
-                                    {"numerics.gemm": "vllm"}])  # the default, as the API server fills it in
+                                    {"numerics.gemm": "auto"}])  # the default, as the API server fills it in
 def test_non_pins_do_not_change_the_pins_hash(change):
     assert pins_hash(parse_spec("q", "ns", dm_spec())) == pins_hash(parse_spec("q", "ns", dm_spec(**change)))
 
@@ -125,7 +126,7 @@ REFUSALS = [
     ({"numerics.driverVersion": "latest"}, "spec.numerics.driverVersion 'latest' must look like 580.95.05"),
     ({"numerics.dtype": "int8"}, "spec.numerics.dtype 'int8' must be one of bfloat16, float16, float32"),
     ({"numerics.tensorParallelSize": 0}, "spec.numerics.tensorParallelSize 0 must be an integer from 1 to 8"),
-    ({"numerics.gemm": "cublas"}, "spec.numerics.gemm 'cublas' must be one of vllm, invariant"),
+    ({"numerics.gemm": "cublas"}, "spec.numerics.gemm 'cublas' must be one of auto, cublaslt, vllm, invariant"),
     ({"numerics.expectedFingerprint": "vllm-0.32.0"},
      "spec.numerics.expectedFingerprint 'vllm-0.32.0' must look like inv- and 16 hex digits"),
     ({"cache.sharing": "everyone"}, "spec.cache.sharing 'everyone' must be one of tenant, shared"),

@@ -200,6 +200,24 @@ def test_eager_mode_is_refused_with_the_reason_measured_on_the_gpu():
                                                           "batch_invariant": "off"}
 
 
+def test_the_default_gpu_gemm_is_cublaslt_from_hopper_on_and_the_fingerprint_names_the_one_run():
+    """vLLM 0.26's invariant mode runs its Triton matmul in every linear layer, on Hopper too (the
+    H200 profile: 3.6x cuBLAS's GEMM time per decoded token); ``auto`` takes cuBLASLt without split-K
+    there, and an explicit choice is another fingerprint."""
+    from invariant.worker.numerics import kernel_config, resolve_gpu_gemm
+
+    assert [resolve_gpu_gemm("auto", a) for a in ("sm90", "sm100", "sm120", "sm89", "sm80")] == \
+        ["cublaslt", "cublaslt", "cublaslt", "vllm", "vllm"]
+    assert resolve_gpu_gemm("vllm", "sm90") == "vllm" and resolve_gpu_gemm("invariant", "sm80") == "invariant"
+    default = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
+    triton = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", gemm="vllm")
+    assert default["gemm"] == "cublaslt" and triton["gemm"] == "vllm"
+    assert triton["gemm_library"] == {"library": "vllm-triton-persistent"} and triton != default
+    assert kernel_config(cuda=True, invariance=True, gpu_arch="sm90", gemm="cublaslt") == default
+    with pytest.raises(RuntimeError, match="resolved GEMM"):
+        plugin.apply_cuda("auto")
+
+
 def test_the_cuda_worker_compiles_with_inductor_picking_reductions_without_timing(tiny_model):
     """The invariant CUDA worker's argv fixes attention and inductor's settings; this torch takes
     the settings (inductor refuses a key it does not have), and a user cannot override them."""

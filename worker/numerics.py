@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from invariant.contract.engine_args import compile_shape
+from invariant.contract.engine_args import GPU_GEMM_DEFAULT, compile_shape
 
 
 # FlashAttention 3 (vLLM's default on Hopper, num_splits=1 in invariant mode) still picks its kernel
@@ -33,15 +33,36 @@ GPU_INVARIANT_SAMPLER = "triton-topk-topp"
 CPU_INVARIANT_ATTENTION = "invariant-cpu-paged"
 
 
+def resolve_gpu_gemm(gemm: str, arch: str) -> str:
+    """The GEMM ``--gpu-gemm`` names on this GPU (contract.engine_args.GPU_GEMMS): ``auto`` is
+    cuBLASLt without split-K from Hopper (sm90) on and upstream's Triton matmul before it (vLLM's
+    own note: Ampere cannot rely on cuBLASLt alone for invariance)."""
+    if gemm != "auto":
+        return gemm
+    major = int(arch[2:-1] or 0) if arch.startswith("sm") and len(arch) > 3 else 0
+    return "cublaslt" if major >= 9 else "vllm"
+
+
+def cuda_arch() -> str:
+    """This process's CUDA device as ``sm90`` etc. (the worker process touches CUDA anyway)."""
+    import torch
+
+    from invariant.kernels.gpu.device import arch_of
+
+    return arch_of(torch.device("cuda"))
+
+
 def gpu_gemm_library(gemm: str, arch: str) -> dict[str, str]:
-    """Which code does the CUDA worker's GEMMs, as far as the bits go. Upstream's invariant mode
-    (``gemm`` "vllm") is not one kernel: on Ampere (sm8x) it installs its Triton persistent matmul,
-    on Hopper and later it keeps cuBLASLt with a 1-byte workspace (no split-K) and trusts cuBLAS's
-    heuristics to pick no other reduction order for another M, so the cuBLAS build is named too
-    (the kernel canary checks that trust at start-up: invariant.worker.kernel_canary)."""
+    """Which code does the CUDA worker's GEMMs, as far as the bits go (``gemm`` resolved). vLLM
+    0.26's invariant mode runs its persistent Triton matmul in every linear layer on every GPU
+    (linear_batch_invariant), though its own setup only shrinks cuBLAS's workspace on Hopper: a
+    profile on the H200 found that kernel, not cuBLASLt, in the decode step. ``cublaslt`` trusts
+    cuBLAS's heuristics to pick no other reduction order for another M, so the cuBLAS build is
+    named too (the kernel canary checks that trust at start-up: invariant.worker.kernel_canary)."""
+    gemm = resolve_gpu_gemm(gemm, arch)
     if gemm == "invariant":
         return {"library": "invariant-triton"}
-    if arch.startswith("sm8"):
+    if gemm == "vllm":
         return {"library": "vllm-triton-persistent"}
     from invariant.worker.fingerprint import package_version
 
@@ -73,7 +94,7 @@ def model_head_dim(model_dir: str) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
-def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = "vllm",
+def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = GPU_GEMM_DEFAULT,
                   engine_args: tuple[str, ...] = (), attention_isa: str | None = None,
                   tp_invariant_parts: int = 0) -> dict[str, Any]:
     """What selects the kernels, and with them the bits: backend, compile mode, threads, and on
@@ -85,13 +106,13 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         if not invariance:
             return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "off"}
         from invariant.kernels.gpu import identity
-        from invariant.kernels.gpu.device import arch_of
 
         # Upstream's invariant mode, with RMSNorm on our row kernels (invariant.worker.plugin):
         # their source, pinned constants and Triton version decide those bits.
-        arch = gpu_arch or arch_of(torch.device("cuda"))
+        arch = gpu_arch or cuda_arch()
         return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER, "gemm": gemm,
+                "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER,
+                "gemm": resolve_gpu_gemm(gemm, arch),
                 "gemm_library": gpu_gemm_library(gemm, arch), "invariant_kernels": identity(arch),
                 "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
     config: dict[str, Any] = {

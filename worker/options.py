@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from invariant.contract.engine_args import GPU_GEMMS, engine_arg_errors
+from invariant.contract.engine_args import GPU_GEMM_DEFAULT, GPU_GEMMS, engine_arg_errors
 from invariant.contract.net import PortError, check_port_free
 
 # The architectures our invariant kernels and canary are written and tested for.
@@ -36,9 +36,8 @@ class WorkerOptions:
     kv_cache_gib: float = 1.0
     seed: int = 0
     extra_vllm_args: tuple[str, ...] = field(default_factory=tuple)
-    # Whose GEMM an invariant CUDA worker runs: upstream's persistent Triton matmul, or ours
-    # (invariant.kernels.gpu: fixed K chunks, a kernel per M). Part of the fingerprint.
-    gpu_gemm: str = "vllm"
+    # Whose GEMM an invariant CUDA worker runs (contract.engine_args.GPU_GEMMS). Part of the fingerprint.
+    gpu_gemm: str = GPU_GEMM_DEFAULT
     # TP-invariant numerics (CPU): each row-parallel layer's K in this many fixed parts at every TP
     # size, so TP sizes dividing it serve the same bits under one fingerprint (worker/tensor_parallel.py).
     tp_invariant_parts: int = 0
@@ -115,7 +114,7 @@ def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> 
                                     f"{options.tensor_parallel_size}")
     if options.gpu_gemm not in GPU_GEMMS:
         raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm!r}: choose one of {', '.join(GPU_GEMMS)}")
-    if options.gpu_gemm != "vllm" and not (cuda and options.invariance):
+    if options.gpu_gemm != GPU_GEMM_DEFAULT and not (cuda and options.invariance):
         raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm} applies to an invariant worker on CUDA GPUs only")
     problems = engine_arg_errors(list(options.extra_vllm_args))
     if problems:

@@ -41,7 +41,7 @@ import logging
 import os
 
 ENV = "INVARIANT_BATCH_INVARIANT"
-GEMM_ENV = "INVARIANT_GPU_GEMM"  # "vllm" (default) or "invariant": whose GEMM the CUDA worker runs
+GEMM_ENV = "INVARIANT_GPU_GEMM"  # whose GEMM the CUDA worker runs, resolved: "vllm", "cublaslt" or "invariant"
 SUPPORTED_VLLM = "0.32.0"
 # The GPU side patches upstream's invariant mode of the vLLM the GPU image carries (docs/gpu-vllm.md).
 SUPPORTED_VLLM_CUDA = "0.26.0"
@@ -254,22 +254,36 @@ def invariant_top_k_top_p(logits, k, p):
 
 def apply_cuda(gemm: str = "vllm") -> None:
     """Patch the name vLLM's RMSNorm.forward_cuda calls and the top-k/top-p mask its samplers call;
-    with ``gemm="invariant"`` also the linear layers' and lm_head's GEMM (upstream's persistent
-    Triton matmul -> ours, a custom op so the compiled graph calls it opaquely). Idempotent."""
+    and the GEMM vLLM's linear layers and lm_head call in invariant mode (``linear_batch_invariant``,
+    upstream's persistent Triton matmul, ``gemm="vllm"``): ``"cublaslt"`` -> torch's linear, which
+    upstream's invariant mode leaves on cuBLASLt with a 1-byte workspace and no reduced-precision
+    reduction on Hopper; ``"invariant"`` -> ours, a custom op so the compiled graph calls it
+    opaquely. ``gemm`` comes resolved (numerics.resolve_gpu_gemm). Idempotent."""
+    if gemm not in ("vllm", "cublaslt", "invariant"):
+        raise RuntimeError(f"{GEMM_ENV}={gemm!r}: the worker passes a resolved GEMM (vllm, cublaslt or invariant)")
     import vllm.model_executor.layers.layernorm as layernorm
     import vllm.v1.sample.ops.topk_topp_sampler as topk_topp
     import vllm.v1.sample.rejection_sampler as rejection
 
     layernorm.rms_norm_batch_invariant = invariant_rms_norm
     topk_topp.apply_top_k_top_p = rejection.apply_top_k_top_p = invariant_top_k_top_p
-    if gemm == "invariant":
-        import vllm.model_executor.layers.linear as linear
-        import vllm.model_executor.layers.vocab_parallel_embedding as vocab
+    if gemm == "vllm":
+        return
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.layers.vocab_parallel_embedding as vocab
 
+    if gemm == "cublaslt":
+        import torch
+
+        gemm_fn = torch.nn.functional.linear
+    else:
         from invariant.kernels.gpu.ops import linear_op
 
         op = linear_op()
-        linear.linear_batch_invariant = vocab.linear_batch_invariant = lambda x, weight, bias=None: op(x, weight, bias)
+
+        def gemm_fn(x, weight, bias=None):
+            return op(x, weight, bias)
+    linear.linear_batch_invariant = vocab.linear_batch_invariant = gemm_fn
 
 
 def register() -> None:
@@ -291,11 +305,7 @@ def register() -> None:
         raise RuntimeError(f"{ENV}={mode!r}: expected 'cpu', 'cuda' or 'off'")
     if mode == "cuda":
         check_version(installed_vllm_version(), cuda=True)
-        from invariant.contract.engine_args import GPU_GEMMS
-
-        gemm = os.environ.get(GEMM_ENV, "vllm")
-        if gemm not in GPU_GEMMS:
-            raise RuntimeError(f"{GEMM_ENV}={gemm!r}: expected one of {', '.join(GPU_GEMMS)}")
+        gemm = os.environ.get(GEMM_ENV, "vllm")  # unset: upstream's invariant mode as it is
         apply_cuda(gemm)
         from invariant.worker import kernel_canary
 

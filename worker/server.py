@@ -90,7 +90,9 @@ def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
     if cuda and options.invariance:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
         os.environ[plugin.ENV] = "cuda"
-        os.environ[plugin.GEMM_ENV] = options.gpu_gemm
+        # Resolved here ("auto" -> this GPU's GEMM), where the fingerprint resolves it too: the
+        # engine's processes never have to touch CUDA to choose.
+        os.environ[plugin.GEMM_ENV] = numerics.resolve_gpu_gemm(options.gpu_gemm, numerics.cuda_arch())
     if not cuda:
         # Read by our vLLM plugin in every process vLLM starts (children inherit the environment).
         os.environ[plugin.ENV] = "cpu" if options.invariance else "off"
