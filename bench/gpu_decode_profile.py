@@ -163,6 +163,31 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(res: dict, path: Path) -> None:
+    """Kernel time per output token, stacked by category, per load and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{load}\n{mode}", res["modes"][mode][load]) for load in LOADS for mode in MODES
+            if load in res["modes"].get(mode, {})]
+    cats = sorted({c for _, row in bars for c in row["categories_us_per_token"]})
+    fig, axes = plt.subplots(1, len(LOADS), figsize=(11, 4))
+    for ax, load in zip(axes, LOADS):
+        mine = [(label, row) for label, row in bars if label.startswith(load + "\n")]
+        bottom = [0.0] * len(mine)
+        for cat in cats:
+            vals = [row["categories_us_per_token"].get(cat, 0.0) for _, row in mine]
+            ax.bar([label.split("\n")[1] for label, _ in mine], vals, bottom=bottom, label=cat)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{load}: GPU kernel us per output token")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"decode step by kernel category, {res['meta']['device']} ({res['meta']['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?")
@@ -174,6 +199,7 @@ def main() -> None:
     if args.render:
         res = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(markdown(res))
+        plot(res, args.render.with_suffix(".png"))
         return
     if not args.model or not args.out:
         ap.error("MODEL_DIR and --out are needed (or --render JSON)")
@@ -193,6 +219,10 @@ def main() -> None:
     md = markdown(res)
     (args.out / "gpu_decode_profile.md").write_text(md)
     print(md)
+    try:
+        plot(res, args.out / "gpu_decode_profile.png")
+    except ImportError:
+        print("matplotlib missing here: draw the plot with --render")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,16 @@ def test_the_profiler_is_off_unless_a_benchmark_asks(monkeypatch, tmp_path):
     monkeypatch.setenv(PROFILE_DIR_ENV, "relative/dir")
     with pytest.raises(WorkerConfigError, match="must be an absolute path"):
         profiler_args()
+
+
+def test_the_device_profiles_render_as_table_and_plot(profile, tmp_path):
+    """The profiles measured on the H200 (docs/results/gpu_decode_profile_h200) redraw from their
+    JSON: the table says where the invariant decode step's kernel time went, per category."""
+    src = Path(__file__).resolve().parents[1] / "docs/results/gpu_decode_profile_h200/triton_gemm/gpu_decode_profile.json"
+    res = json.loads(src.read_text())
+    copy = tmp_path / "p.json"
+    copy.write_text(json.dumps(res))
+    md = profile.markdown(res)
+    assert "| gemm | 319.3 | 1663.6 | +1344.3 |" in md and "`matmul_kernel_persistent`" in md
+    profile.plot(res, copy.with_suffix(".png"))
+    assert copy.with_suffix(".png").stat().st_size > 10_000

@@ -34,10 +34,12 @@ MM_CHUNK_K = 1024
 ATTN_BLOCK_M = 16  # rows = (query token, GQA head) pairs; decode fills 1 token x group
 ATTN_BLOCK_N = 128
 ATTN_WARPS = 4
-ATTN_SPLIT = 512  # tokens per KV split (a size, never a count)
-ATTN_COMBINE_CHUNK = 16  # splits folded as one vector (a fixed width: the tree never follows the batch)
-ATTN_SPLIT_LONG = 0  # tokens per KV split for query positions >= ATTN_LONG_FROM (a multiple of ATTN_SPLIT); 0: ATTN_SPLIT
-ATTN_LONG_FROM = 0  # (a multiple of ATTN_SPLIT_LONG); with one split size it changes nothing
+# The split shape measured best by its worst case on the H200 (2026-12-03, docs/gpu-kernels.md):
+# 256-token splits before position 16,384, 1,024-token ones from it, folded 64 at a time.
+ATTN_SPLIT = 256  # tokens per KV split (a size, never a count)
+ATTN_COMBINE_CHUNK = 64  # splits folded as one vector (a fixed width: the tree never follows the batch)
+ATTN_SPLIT_LONG = 1024  # tokens per KV split for query positions >= ATTN_LONG_FROM (a multiple of ATTN_SPLIT); 0: ATTN_SPLIT
+ATTN_LONG_FROM = 16384  # (a multiple of ATTN_SPLIT_LONG); with one split size it changes nothing
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
 
