@@ -98,3 +98,28 @@ def test_engine_arg_that_breaks_invariance_is_refused(tiny_model):
     res, _ = run_worker("--model", str(tiny_model), "--port", str(free_port()),
                         "--engine-arg=--speculative-config={}")
     assert_one_line_error(res, "engine arg --speculative-config is refused: speculative decoding breaks batch invariance")
+
+
+def test_the_worker_logs_its_own_lines_whoever_configured_logging_first(capsys):
+    """On the GPU worker no invariant.worker line reached the log (root configured before ours):
+    the worker's logger has its own handler at INFO, one line per message, whatever the root has."""
+    import logging
+
+    from invariant.worker.server import log_to_stderr
+
+    root, ours = logging.getLogger(), logging.getLogger("invariant")
+    saved = root.handlers[:], root.level, ours.handlers[:], ours.level, ours.propagate
+    ours.handlers = [h for h in ours.handlers if h.get_name() != "invariant"]
+    root.addHandler(logging.StreamHandler())  # what a library configuring logging at import does
+    root.setLevel(logging.WARNING)
+    try:
+        log_to_stderr()
+        log_to_stderr()
+        logging.getLogger("invariant.worker").info("kernel canary passed (1.2 s)")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers, ours.handlers = saved[0], saved[2]
+        root.setLevel(saved[1])
+        ours.setLevel(saved[3])
+        ours.propagate = saved[4]
+    assert err.count("kernel canary passed (1.2 s)") == 1 and "[invariant.worker]" in err

@@ -310,6 +310,21 @@ async def serve(argv: list[str], state: WorkerState) -> None:
         sock.close()
 
 
+def log_to_stderr() -> None:
+    """The worker's own lines (canary verdicts and their seconds, refusals) on stderr at INFO, by a
+    handler of the ``invariant`` logger itself: on the GPU worker none of them reached the log
+    (H200, 2026-12-03), as happens when something configured the root logger first and
+    ``basicConfig`` then does nothing. Idempotent."""
+    logger = logging.getLogger("invariant")
+    if not any(h.get_name() == "invariant" for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.set_name("invariant")
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run(options: WorkerOptions) -> None:
     """Entry point of ``invariant worker``: validate (fast), then serve until stopped."""
     from invariant import companions
@@ -319,7 +334,7 @@ def run(options: WorkerOptions) -> None:
         startup = str(Path(__file__).resolve().parent / "startup")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (startup, os.environ.get("PYTHONPATH")) if p)
     argv, state = prepare(options)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
+    log_to_stderr()
     print(f"invariant worker: fingerprint {state.fingerprint}", flush=True)
 
     def _terminate(*_: Any) -> None:
