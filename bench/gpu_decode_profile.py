@@ -44,6 +44,9 @@ CATEGORIES = [  # first match wins; kernel names of cuBLAS(Lt), CUTLASS, Triton,
 ]
 
 
+HOST_TOP = 20  # host ops kept per load and mode (by inclusive time)
+
+
 def category(name: str) -> str:
     low = name.lower()
     for label, pattern in CATEGORIES:
@@ -75,6 +78,40 @@ def read_trace(files: set[Path], cpu: bool) -> dict[str, list[float]]:
     return out
 
 
+def read_host(files: set[Path]) -> dict:
+    """What the kernel sums leave out: how long the GPU was busy (the union of kernel intervals) and
+    idle (the rest of the span from the first kernel to the last), and the host's aten ops by name
+    (durations in us, inclusive of the ops they call). At concurrency 1 a decode step is bound by the
+    host (H200: ~2.2 ms of wall time per token against ~0.55 ms of kernels), so a gap between two
+    workers there is in these numbers, not in the kernels'."""
+    spans: list[tuple[float, float]] = []
+    cpu_ops: dict[str, list[float]] = {}
+    for path in sorted(files):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as fh:
+            try:
+                trace = json.load(fh)
+            except ValueError:
+                continue
+        for ev in trace.get("traceEvents", []) if isinstance(trace, dict) else []:
+            if ev.get("ph") != "X" or "dur" not in ev:
+                continue
+            if ev.get("cat") == "kernel" and "ts" in ev:
+                spans.append((float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])))
+            elif ev.get("cat") == "cpu_op":
+                cpu_ops.setdefault(str(ev.get("name", "")), []).append(float(ev["dur"]))
+    busy, end = 0.0, None
+    for start, stop in sorted(spans):
+        if end is None or start >= end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    span = (max(s for _, s in spans) - min(s for s, _ in spans)) if spans else 0.0
+    return {"busy_us": busy, "idle_us": span - busy, "cpu_ops": cpu_ops}
+
+
 async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> int:
     body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     resp = await client.post(f"{url}/v1/completions", json=body, timeout=600)
@@ -87,16 +124,22 @@ async def load(url: str, model: str, concurrency: int, tokens: int) -> int:
         return sum(await asyncio.gather(*(one(client, url, model, tokens) for _ in range(concurrency))))
 
 
-def summarize(kernels: dict[str, list[float]], concurrency: int, generated: int, wall: float) -> dict:
+def summarize(kernels: dict[str, list[float]], concurrency: int, generated: int, wall: float,
+              host: dict | None = None) -> dict:
     total = sum(sum(v) for v in kernels.values())
     by_cat: dict[str, float] = {}
     for k, durs in kernels.items():
         by_cat[category(k)] = by_cat.get(category(k), 0.0) + sum(durs)
     top = sorted(((sum(d), len(d), k) for k, d in kernels.items()), reverse=True)[:12]
     n = max(1, generated)
-    return dict(concurrency=concurrency, generated=generated, wall_s=wall, us_per_token=total / n,
-                categories_us_per_token={c: t / n for c, t in sorted(by_cat.items())},
-                top=[dict(name=k, us_per_token=t / n, calls=c) for t, c, k in top])
+    row = dict(concurrency=concurrency, generated=generated, wall_s=wall, us_per_token=total / n,
+               categories_us_per_token={c: t / n for c, t in sorted(by_cat.items())},
+               top=[dict(name=k, us_per_token=t / n, calls=c) for t, c, k in top])
+    if host is not None:
+        ops = sorted(((sum(d), len(d), k) for k, d in host["cpu_ops"].items()), reverse=True)[:HOST_TOP]
+        row.update(gpu_busy_us_per_token=host["busy_us"] / n, gpu_idle_us_per_token=host["idle_us"] / n,
+                   host_top=[dict(name=k, us_per_token=t / n, calls=c) for t, c, k in ops])
+    return row
 
 
 def profile_mode(model_dir: str, mode: str, out: Path, cpu: bool, max_model_len: int, port: int) -> dict:
@@ -127,7 +170,8 @@ def profile_mode(model_dir: str, mode: str, out: Path, cpu: bool, max_model_len:
             while not trace_files(trace_dir) - before and time.time() < deadline:
                 time.sleep(1)
             time.sleep(2)
-            results[name] = summarize(read_trace(trace_files(trace_dir) - before, cpu), concurrency, generated, wall)
+            new = trace_files(trace_dir) - before
+            results[name] = summarize(read_trace(new, cpu), concurrency, generated, wall, host=read_host(new))
             print(f"  {mode}/{name}: {generated} tokens in {wall:.2f} s, "
                   f"{results[name]['us_per_token']:.1f} us/token in kernels", file=sys.stderr, flush=True)
     finally:
@@ -155,6 +199,18 @@ def markdown(res: dict) -> str:
         for c in cats:
             a, b = s["categories_us_per_token"].get(c, 0.0), i["categories_us_per_token"].get(c, 0.0)
             lines.append(f"| {c} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        if "gpu_busy_us_per_token" in s and "gpu_busy_us_per_token" in i:
+            lines += ["", f"GPU busy / idle per token (first kernel to last): stock {s['gpu_busy_us_per_token']:.1f} / "
+                          f"{s['gpu_idle_us_per_token']:.1f} us, invariant {i['gpu_busy_us_per_token']:.1f} / "
+                          f"{i['gpu_idle_us_per_token']:.1f} us.", "",
+                      "Host ops (aten, inclusive us per token; the costliest of either mode):", "",
+                      "| op | stock | invariant | difference |", "|---|---|---|---|"]
+            hs = {r["name"]: r["us_per_token"] for r in s.get("host_top", [])}
+            hi = {r["name"]: r["us_per_token"] for r in i.get("host_top", [])}
+            for op in sorted(set(hs) | set(hi), key=lambda o: -abs(hi.get(o, 0.0) - hs.get(o, 0.0))):
+                a, b = hs.get(op), hi.get(op)
+                lines.append(f"| `{op[:70]}` | {'-' if a is None else f'{a:.1f}'} | {'-' if b is None else f'{b:.1f}'} | "
+                             f"{'' if a is None or b is None else f'{b - a:+.1f}'} |")
         for m in MODES:
             lines += ["", f"Costliest kernels, {m}:", "", "| kernel | us/token | calls |", "|---|---|---|"]
             for row in modes[m]["top"]:

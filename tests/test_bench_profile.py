@@ -85,3 +85,27 @@ def test_the_device_profiles_render_as_table_and_plot(profile, tmp_path):
     assert "| gemm | 319.3 | 1663.6 | +1344.3 |" in md and "`matmul_kernel_persistent`" in md
     profile.plot(res, copy.with_suffix(".png"))
     assert copy.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_the_host_side_of_a_trace_gives_gpu_busy_idle_and_host_ops(profile, tmp_path):
+    """At concurrency 1 the step is bound by the host: the profile must say how long the GPU waited
+    and which host ops took the time (overlapping kernels count once)."""
+    events = [{"ph": "X", "cat": "kernel", "name": "a", "ts": 0.0, "dur": 10.0},
+              {"ph": "X", "cat": "kernel", "name": "b", "ts": 5.0, "dur": 10.0},   # overlaps a: busy 0-15
+              {"ph": "X", "cat": "kernel", "name": "c", "ts": 40.0, "dur": 10.0},  # idle 15-40
+              {"ph": "X", "cat": "cpu_op", "name": "aten::softmax", "ts": 1.0, "dur": 80.0},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::softmax", "ts": 90.0, "dur": 20.0},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::argmax", "ts": 2.0, "dur": 4.0}]
+    path = tmp_path / "rank0.pt.trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    host = profile.read_host(profile.trace_files(tmp_path))
+    assert (host["busy_us"], host["idle_us"]) == (25.0, 25.0)
+    row = profile.summarize(profile.read_trace(profile.trace_files(tmp_path), cpu=False), 1, 5, 0.1, host=host)
+    assert (row["gpu_busy_us_per_token"], row["gpu_idle_us_per_token"]) == (5.0, 5.0)
+    assert row["host_top"][0] == {"name": "aten::softmax", "us_per_token": 20.0, "calls": 2}
+    other = dict(row, host_top=[{"name": "aten::softmax", "us_per_token": 2.0, "calls": 2}])
+    res = {"meta": {"device": "d", "date": "x", "model": "m"},
+           "modes": {"stock": {"decode": other}, "invariant": {"decode": row}}}
+    md = profile.markdown(res)
+    assert "| `aten::softmax` | 2.0 | 20.0 | +18.0 |" in md and "GPU busy / idle per token" in md
