@@ -216,6 +216,10 @@ def test_the_default_gpu_gemm_is_cublaslt_from_hopper_on_and_the_fingerprint_nam
     assert kernel_config(cuda=True, invariance=True, gpu_arch="sm90", gemm="cublaslt") == default
     with pytest.raises(RuntimeError, match="resolved GEMM"):
         plugin.apply_cuda("auto")
+    from invariant.worker.options import WorkerConfigError
+
+    with pytest.raises(WorkerConfigError, match=r"^--gpu-gemm cublaslt needs Hopper \(sm90\) or later, this GPU is sm86"):
+        kernel_config(cuda=True, invariance=True, gpu_arch="sm86", gemm="cublaslt")
 
 
 def test_the_cuda_worker_compiles_with_inductor_picking_reductions_without_timing(tiny_model):

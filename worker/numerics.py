@@ -36,11 +36,18 @@ CPU_INVARIANT_ATTENTION = "invariant-cpu-paged"
 def resolve_gpu_gemm(gemm: str, arch: str) -> str:
     """The GEMM ``--gpu-gemm`` names on this GPU (contract.engine_args.GPU_GEMMS): ``auto`` is
     cuBLASLt without split-K from Hopper (sm90) on and upstream's Triton matmul before it (vLLM's
-    own note: Ampere cannot rely on cuBLASLt alone for invariance)."""
-    if gemm != "auto":
-        return gemm
+    own note: Ampere cannot rely on cuBLASLt alone for invariance). ``cublaslt`` before Hopper is
+    refused: there upstream's invariant mode routes torch's linear itself to its Triton matmul, so
+    the fingerprint would name a GEMM the layers do not run."""
     major = int(arch[2:-1] or 0) if arch.startswith("sm") and len(arch) > 3 else 0
-    return "cublaslt" if major >= 9 else "vllm"
+    if gemm == "auto":
+        return "cublaslt" if major >= 9 else "vllm"
+    if gemm == "cublaslt" and major < 9:
+        from invariant.worker.options import WorkerConfigError
+
+        raise WorkerConfigError(f"--gpu-gemm cublaslt needs Hopper (sm90) or later, this GPU is {arch}: there "
+                                "vLLM's invariant mode sends torch's linear to its Triton matmul (use auto or vllm)")
+    return gemm
 
 
 def cuda_arch() -> str:
