@@ -34,6 +34,13 @@ class UpstreamRejected(Exception):
         self.body = body
 
 
+# A worker busy streaming on a loaded node can answer a health check late (a 2-core CI machine: a
+# request got "no worker is ready" between two checks). One late answer is not a dead worker: a
+# known-good endpoint is dropped after this many timed-out checks in a row; a refused connection, an
+# error or a "not ready" answer drops it at once.
+HEALTH_TIMEOUTS_TO_EVICT = 3
+
+
 @dataclass
 class Endpoint:
     url: str
@@ -42,6 +49,7 @@ class Endpoint:
     defaults: dict[str, Any] = field(default_factory=dict)
     checked: float = 0.0
     error: str = "not checked yet"
+    timeouts: int = 0  # health checks timed out in a row
 
 
 class Upstreams:
@@ -61,8 +69,14 @@ class Upstreams:
             ep.defaults = info.get(routes.F_SAMPLING_DEFAULTS) or {}
             ep.healthy = ready.status_code == 200
             ep.error = "" if ep.healthy else f"not ready: {ready.json().get('reasons')}"
+            ep.timeouts = 0
+        except httpx.TimeoutException as exc:
+            ep.timeouts += 1
+            ep.error = f"{type(exc).__name__}: {exc} ({ep.timeouts} health checks in a row timed out)"
+            if ep.timeouts >= HEALTH_TIMEOUTS_TO_EVICT:
+                ep.healthy = False
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            ep.healthy, ep.error = False, f"{type(exc).__name__}: {exc}"
+            ep.healthy, ep.error, ep.timeouts = False, f"{type(exc).__name__}: {exc}", 0
         ep.checked = time.monotonic()
 
     async def check_all(self) -> None:
