@@ -59,9 +59,10 @@ def trace_files(directory: Path) -> set[Path]:
     return set(directory.rglob("*.json.gz")) | set(directory.rglob("*.json"))
 
 
-def read_trace(files: set[Path], cpu: bool) -> dict[str, list[float]]:
-    """name -> durations (us) of every GPU kernel (``cpu``: aten op) in these vLLM traces."""
-    out: dict[str, list[float]] = {}
+def trace_events(files: set[Path]) -> list[dict]:
+    """Every complete event ("X", with a duration) of these vLLM traces, each file parsed once;
+    a file that is not JSON (one still being written) is left out."""
+    events: list[dict] = []
     for path in sorted(files):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as fh:
@@ -69,37 +70,33 @@ def read_trace(files: set[Path], cpu: bool) -> dict[str, list[float]]:
                 trace = json.load(fh)
             except ValueError:
                 continue
-        for ev in trace.get("traceEvents", []) if isinstance(trace, dict) else []:
-            if ev.get("ph") != "X" or "dur" not in ev:
-                continue
-            cat = ev.get("cat", "")
-            if cat == "kernel" or (cpu and cat == "cpu_op" and str(ev.get("name", "")).startswith("aten::")):
-                out.setdefault(str(ev["name"]), []).append(float(ev["dur"]))
+        events += [ev for ev in (trace.get("traceEvents", []) if isinstance(trace, dict) else [])
+                   if ev.get("ph") == "X" and "dur" in ev]
+    return events
+
+
+def read_trace(events: list[dict], cpu: bool) -> dict[str, list[float]]:
+    """name -> durations (us) of every GPU kernel (``cpu``: aten op) among these trace events."""
+    out: dict[str, list[float]] = {}
+    for ev in events:
+        cat = ev.get("cat", "")
+        if cat == "kernel" or (cpu and cat == "cpu_op" and str(ev.get("name", "")).startswith("aten::")):
+            out.setdefault(str(ev["name"]), []).append(float(ev["dur"]))
     return out
 
 
-def read_host(files: set[Path]) -> dict:
+def read_host(events: list[dict]) -> dict:
     """What the kernel sums leave out: how long the GPU was busy (the union of kernel intervals) and
     idle (the rest of the span from the first kernel to the last), and the host's aten ops by name
     (durations in us, inclusive of the ops they call). At concurrency 1 a decode step is bound by the
     host (H200: ~2.2 ms of wall time per token against ~0.55 ms of kernels), so a gap between two
     workers there is in these numbers, not in the kernels'."""
-    spans: list[tuple[float, float]] = []
+    spans = [(float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])) for ev in events
+             if ev.get("cat") == "kernel" and "ts" in ev]
     cpu_ops: dict[str, list[float]] = {}
-    for path in sorted(files):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as fh:
-            try:
-                trace = json.load(fh)
-            except ValueError:
-                continue
-        for ev in trace.get("traceEvents", []) if isinstance(trace, dict) else []:
-            if ev.get("ph") != "X" or "dur" not in ev:
-                continue
-            if ev.get("cat") == "kernel" and "ts" in ev:
-                spans.append((float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])))
-            elif ev.get("cat") == "cpu_op":
-                cpu_ops.setdefault(str(ev.get("name", "")), []).append(float(ev["dur"]))
+    for ev in events:
+        if ev.get("cat") == "cpu_op":
+            cpu_ops.setdefault(str(ev.get("name", "")), []).append(float(ev["dur"]))
     busy, end = 0.0, None
     for start, stop in sorted(spans):
         if end is None or start >= end:
@@ -170,8 +167,8 @@ def profile_mode(model_dir: str, mode: str, out: Path, cpu: bool, max_model_len:
             while not trace_files(trace_dir) - before and time.time() < deadline:
                 time.sleep(1)
             time.sleep(2)
-            new = trace_files(trace_dir) - before
-            results[name] = summarize(read_trace(new, cpu), concurrency, generated, wall, host=read_host(new))
+            events = trace_events(trace_files(trace_dir) - before)
+            results[name] = summarize(read_trace(events, cpu), concurrency, generated, wall, host=read_host(events))
             print(f"  {mode}/{name}: {generated} tokens in {wall:.2f} s, "
                   f"{results[name]['us_per_token']:.1f} us/token in kernels", file=sys.stderr, flush=True)
     finally:

@@ -52,7 +52,7 @@ def test_a_trace_sums_to_kernel_time_per_token(profile, tmp_path):
     with gzip.open(path, "wt") as fh:
         json.dump({"traceEvents": events}, fh)
     (tmp_path / "broken.json").write_text("{not json")
-    kernels = profile.read_trace(profile.trace_files(tmp_path), cpu=False)
+    kernels = profile.read_trace(profile.trace_events(profile.trace_files(tmp_path)), cpu=False)
     assert kernels == {"nvjet_gemm": [30.0, 10.0], "kernel_unified_attention_2d": [20.0]}
     row = profile.summarize(kernels, concurrency=1, generated=4, wall=0.5)
     assert row["us_per_token"] == 15.0
@@ -99,9 +99,9 @@ def test_the_host_side_of_a_trace_gives_gpu_busy_idle_and_host_ops(profile, tmp_
     path = tmp_path / "rank0.pt.trace.json.gz"
     with gzip.open(path, "wt") as fh:
         json.dump({"traceEvents": events}, fh)
-    host = profile.read_host(profile.trace_files(tmp_path))
+    host = profile.read_host(profile.trace_events(profile.trace_files(tmp_path)))
     assert (host["busy_us"], host["idle_us"]) == (25.0, 25.0)
-    row = profile.summarize(profile.read_trace(profile.trace_files(tmp_path), cpu=False), 1, 5, 0.1, host=host)
+    row = profile.summarize(profile.read_trace(profile.trace_events(profile.trace_files(tmp_path)), cpu=False), 1, 5, 0.1, host=host)
     assert (row["gpu_busy_us_per_token"], row["gpu_idle_us_per_token"]) == (5.0, 5.0)
     assert row["host_top"][0] == {"name": "aten::softmax", "us_per_token": 20.0, "calls": 2}
     other = dict(row, host_top=[{"name": "aten::softmax", "us_per_token": 2.0, "calls": 2}])
