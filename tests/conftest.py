@@ -22,6 +22,19 @@ import pytest
 from invariant.modelmaker import ModelSpec, make_model
 
 WORKER_START_TIMEOUT = 300
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """A benchmark script of bench/ as a module (the scripts are not a package), to test its parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 HERE_HOOKS = Path(__file__).resolve().parent / "hooks"  # test-only sitecustomize (see its docstring)
 
 

@@ -3,7 +3,6 @@ stock run of the same file, the workers' starts, and a refusal of modes it does 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import bench_module
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "gpu_worker_cost.py"
 
 
 @pytest.fixture(scope="module")
 def cost():
-    spec = importlib.util.spec_from_file_location("gpu_worker_cost", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("gpu_worker_cost")
 
 
 def test_the_h200_table_is_against_the_stock_run_of_the_same_file(cost):

@@ -4,24 +4,19 @@ kernel names to categories, traces to per-token sums, and the worker's profiler 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import bench_module
 from invariant.worker.options import WorkerConfigError, WorkerOptions
 from invariant.worker.server import PROFILE_DIR_ENV, profiler_args, vllm_argv
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_decode_profile.py"
 
 
 @pytest.fixture(scope="module")
 def profile():
-    spec = importlib.util.spec_from_file_location("gpu_decode_profile", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("gpu_decode_profile")
 
 
 @pytest.mark.parametrize("name,cat", [
