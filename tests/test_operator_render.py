@@ -117,6 +117,8 @@ REFUSALS = [
      "--no-enable-prefix-caching, --swap-space)"),
     ({"engineArgs": ["--max-model-len"]}, "engine arg --max-model-len needs a value: write --max-model-len=VALUE"),
     ({"engineArgs": ["--max-num-seqs=lots"]}, "engine arg --max-num-seqs needs an integer, got 'lots'"),
+    ({"engineArgs": ["--kv-cache-memory-bytes=8GiB"]}, "engine arg --kv-cache-memory-bytes needs an integer, got '8GiB'"),
+    ({"engineArgs": ["--kv-cache-memory-bytes=-1"]}, "engine arg --kv-cache-memory-bytes must be positive, got -1"),
     ({"replicas": -1}, "spec.replicas -1 must be an integer from 0 to 64"),
     ({"replicas": "two"}, "spec.replicas 'two' must be an integer from 0 to 64"),
     ({"replicas": 65}, "spec.replicas 65 must be an integer from 0 to 64"),
