@@ -21,7 +21,7 @@ step profile 600 python3 bench/gpu_decode_profile.py "$W/medium" --out "$W/profi
 step sampler 120 python3 bench/gpu_sampler_probe.py --out "$W/sampler"
 step probe 120 python3 bench/gpu_leak_probe.py --out "$W/probe"
 step pytest_vllm 900 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_vllm.py ${PYTEST_K_VLLM:+-k "$PYTEST_K_VLLM"}
-step cost 900 python3 bench/gpu_worker_cost.py "$W/medium" --out "$W/cost" --modes "${COST_MODES:-stock,invariant,invariant+vllm-gemm,invariant+our-gemm}"
+step cost 900 python3 bench/gpu_worker_cost.py "$W/medium" --out "$W/cost" --modes "${COST_MODES:-stock,invariant,invariant+vllm-gemm,invariant+our-gemm}" --waves "${COST_WAVES:-7}"
 step canary_cost 600 python3 bench/canary_cost.py --models medium --reps ${CANARY_REPS:-2} --name canary_cost_h200 --out "$W"
 step pytest_worker 840 python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_worker.py ${PYTEST_K_WORKER:+-k "$PYTEST_K_WORKER"}
 step pytest_kernels 600 python3 -m pytest -m gpu -v -rP -p no:cacheprovider tests/test_kernel_canary.py \
