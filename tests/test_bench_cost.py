@@ -4,6 +4,7 @@ stock run of the same file, the workers' starts, and a refusal of modes it does 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,14 @@ def test_a_paired_table_quotes_the_paired_median_and_its_range(cost):
     # ratios per wave: 0.9, 1.1, 1.05 -> median 1.05 (the cells' medians would say 330/300 = 1.1)
     assert "| default | invariant | 1 | 330 | 1.050x | 0.90-1.10 |" in md
     assert "paired ratios" in md and "side by side" in md
+
+
+def test_the_paired_h200_run_quotes_each_cells_paired_median(cost):
+    res = json.loads((ROOT / "docs/results/gpu_worker_cost_h200_paired.json").read_text())
+    md = cost.table(res)
+    for r in res["rows"]:
+        if r["mode"] == "invariant":
+            ratios = r["paired"]["tok_s_ratios"]
+            assert len(ratios) == res["meta"]["waves"] == r["waves"]
+            lo, hi = min(ratios), max(ratios)
+            assert f"| {r['load']} | invariant | {r['concurrency']} | {r['tok_s']:.0f} | {statistics.median(ratios):.3f}x | {lo:.2f}-{hi:.2f} |" in md
