@@ -11,6 +11,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from conftest import hooked_env, start_worker, wait_verdict
 from invariant.kernels.cpu import gemm, rowops
@@ -57,8 +58,8 @@ def test_dense_sizes_catch_a_gemm_that_varies_at_one_scattered_m_and_the_ladder_
 
 
 def test_the_check_leaves_the_rows_it_was_given_for_the_next_size_untouched():
-    """The probes are written into one pool of random rows and taken out again: at every size the
-    other rows are the pool's own, never an earlier size's probes (a kernel that sums its batch sees it)."""
+    """At every size the batch is the pool's first rows with the probes in their places: the other
+    rows are the pool's own, never an earlier size's probes (a kernel that sums its batch sees it)."""
     seen = []
 
     def record(x):
@@ -71,6 +72,36 @@ def test_the_check_leaves_the_rows_it_was_given_for_the_next_size_untouched():
     four, ten = seen[3], seen[4]
     assert torch.equal(four[[0, 2, 3]], probes) and torch.equal(ten[[0, 5, 9]], probes)
     assert torch.equal(four[1], ten[1]) and not torch.equal(ten[2], probes[1])
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that make or write a tensor (views are free: no kernel, no launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_size_costs_the_kernel_and_four_more_ops():
+    """On the GPU a GEMM canary is bound by launches, not by the GEMMs (H200: ~1 ms per size, 2 s per
+    weight shape at 2,100 sizes): each size may add only the batch's copy, the probe rows' gather,
+    the comparison and its count to the kernel's own call (it took 13 more: a gather, a clone, three
+    writes, three compares and sums, a stack, a write back)."""
+    def double(x):
+        return [("fp32", x * 2.0)]  # one op, the same bits in any batch
+
+    def ops(sizes):
+        case = kc.Case("gemm", "t", "K=8 N=8", 8, 512, double, torch.float32, torch.device("cpu"))
+        with _Ops() as counted:
+            assert kc.check(case, sizes) is None
+        return counted.n
+
+    per_size = (ops(list(range(1, 257))) - ops(list(range(1, 129)))) / 128  # what the setup costs cancels
+    assert per_size <= 1 + 4 + 0.1  # the kernel, four ops, and a read-back every FLUSH_SIZES sizes
 
 
 def test_probe_rows_sit_at_the_start_middle_and_end():
