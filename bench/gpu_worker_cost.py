@@ -6,7 +6,8 @@
 Starts ``invariant worker`` once per mode on the same model, all side by side on the one GPU, each
 with its own fixed 8 GiB KV cache (``--modes``): ``--no-invariance`` (stock vLLM 0.26, CUDA graphs),
 invariant as it ships (``--gpu-gemm auto``: cuBLASLt without split-K on Hopper), with upstream's
-Triton GEMM (``--gpu-gemm vllm``) and with ours (``--gpu-gemm invariant``). Each worker must pass
+Triton GEMM (``--gpu-gemm vllm``), with ours (``--gpu-gemm invariant``) and, experimental, with the
+lm_head replayed from CUDA graphs (``--gpu-lm-head-graphs 64``). Each worker must pass
 its start-up canary to become ready. Two loads of streamed completions (greedy, ignore_eos) measure
 output tokens/s over a wave and time to first token per request: ``default`` (about 256 prompt
 tokens, 128 output tokens, concurrency 1, 8 and 64) and ``prefill`` (prompts of 2,048-3,847 token
@@ -48,7 +49,9 @@ LOADS = {"default": (CONCURRENCY, REQUESTS, OUTPUT_TOKENS), "prefill": ((1, 8), 
 # "invariant" is the worker's default (--gpu-gemm auto: cuBLASLt without split-K on Hopper); the others
 # name the GEMM: upstream's persistent Triton matmul (what vLLM 0.26's invariant mode runs) and ours.
 MODES = {"stock": ["--no-invariance"], "invariant": [], "invariant+vllm-gemm": ["--gpu-gemm", "vllm"],
-         "invariant+our-gemm": ["--gpu-gemm", "invariant"]}
+         "invariant+our-gemm": ["--gpu-gemm", "invariant"],
+         # experimental: the lm_head's eager cuBLASLt call per decode step replayed from CUDA graphs
+         "invariant+lm-head-graphs": ["--gpu-lm-head-graphs", "64"]}
 WORDS = "every reduction keeps its order whatever else shares the batch so the bits hold".split()
 
 

@@ -51,6 +51,7 @@ def _worker_options(args: argparse.Namespace):
         invariance=not args.no_invariance,
         extra_vllm_args=tuple(args.engine_arg or ()),
         gpu_gemm=args.gpu_gemm,
+        gpu_lm_head_graphs=args.gpu_lm_head_graphs,
         tp_invariant_parts=args.tp_invariant_parts,
         expect_gpu_product=args.expect_gpu_product,
         expect_driver_version=args.expect_driver_version,
@@ -87,7 +88,8 @@ def _fingerprint_options(args: argparse.Namespace):
 
     return WorkerOptions(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                          invariance=not args.no_invariance, gpu_gemm=args.gpu_gemm,
-                         tp_invariant_parts=args.tp_invariant_parts, extra_vllm_args=tuple(args.engine_arg or ()))
+                         gpu_lm_head_graphs=args.gpu_lm_head_graphs, tp_invariant_parts=args.tp_invariant_parts,
+                         extra_vllm_args=tuple(args.engine_arg or ()))
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -138,6 +140,9 @@ def _add_gemm_arg(p: argparse.ArgumentParser) -> None:
                    help="invariant CUDA worker's GEMM: auto (default: cuBLASLt without split-K from Hopper on, "
                         "vLLM's Triton matmul before), cublaslt, vllm (upstream's persistent Triton matmul) or "
                         "invariant (ours: fixed K chunks, a kernel per batch size)")
+    p.add_argument("--gpu-lm-head-graphs", type=int, default=0, metavar="ROWS",
+                   help="experimental: the invariant CUDA worker's lm_head GEMM (cuBLASLt) through CUDA graphs "
+                        "for batches of up to ROWS rows, saving an eager library call per decode step (0: off)")
 
 
 def _add_engine_arg(p: argparse.ArgumentParser, why: str = "") -> None:

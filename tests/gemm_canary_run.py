@@ -8,7 +8,9 @@ handle is made: each GEMM gets a process of its own.
 MODE: ``cublas`` (PyTorch's default cuBLAS), ``cublaslt`` (torch's linear under upstream's invariant
 mode, enabled through vLLM's own function: on Hopper cuBLASLt with a 1-byte workspace, no split-K),
 ``vllm`` (the GEMM vLLM's linear layers call in that mode: its persistent Triton matmul), ``ours``
-(invariant.kernels.gpu.matmul). Prints one JSON line: per shape the first failure (or null), seconds.
+(invariant.kernels.gpu.matmul); ``cublaslt-graphed`` and ``cublas-graphed``: those two through
+invariant.kernels.gpu.graphed (up to 64 rows replayed from CUDA graphs, as the worker's lm_head with
+``--gpu-lm-head-graphs 64``, larger batches eager). Prints one JSON line: per shape the first failure (or null), seconds.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def enable_vllm_invariant_gemm() -> None:
 
 def main(argv: list[str]) -> None:
     mode, budget, shapes = argv[0], int(argv[1]), argv[2:]
-    if mode in ("cublaslt", "vllm"):
+    if mode in ("cublaslt", "vllm", "cublaslt-graphed"):
         enable_vllm_invariant_gemm()
     import torch
 
@@ -40,6 +42,10 @@ def main(argv: list[str]) -> None:
         gemm = matmul.linear
     elif mode in ("cublas", "cublaslt"):
         gemm = torch.nn.functional.linear
+    elif mode in ("cublas-graphed", "cublaslt-graphed"):
+        from invariant.kernels.gpu.graphed import GraphedLinear
+
+        gemm = GraphedLinear(64)
     elif mode == "vllm":
         from vllm.model_executor.layers.batch_invariant import linear_batch_invariant as gemm
     else:

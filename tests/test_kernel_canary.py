@@ -300,3 +300,18 @@ def test_the_gemm_canary_fails_cublas_default_and_passes_the_gemms_the_cuda_work
         res = _gemm_canary(mode, 2048, list(QWEN3_8B))
         assert all(r["failure"] is None for r in res["shapes"].values()), res
         print(mode, {n: r["seconds"] for n, r in res["shapes"].items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the device)")
+def test_the_graphed_lm_head_passes_the_gemm_canary_and_cublas_default_through_it_fails():
+    """--gpu-lm-head-graphs (experimental): batches of up to 64 rows run as the next power of two
+    from a captured graph, the padding rows holding whatever an earlier call left. Sound only for a
+    row-invariant GEMM: the canary, through the same function, passes cuBLASLt without split-K and
+    must still reject cuBLAS's default (the control)."""
+    control = _gemm_canary("cublas-graphed", 2048, ["o", "down"])
+    assert any(r["failure"] for r in control["shapes"].values()), control
+    res = _gemm_canary("cublaslt-graphed", 2048, ["lm_head", "o"])
+    assert all(r["failure"] is None for r in res["shapes"].values()), res
+    print("cublaslt-graphed", {n: r["seconds"] for n, r in res["shapes"].items()},
+          "cublas-graphed", {n: (r["seconds"], r["batch"]) for n, r in control["shapes"].items()})

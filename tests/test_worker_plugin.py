@@ -6,6 +6,7 @@ No engine here: these are the decisions, tested as functions or through the fast
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -270,3 +271,36 @@ def test_gpu_gemm_is_refused_on_the_cpu(tiny_model):
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1].endswith(
         "--gpu-gemm invariant applies to an invariant worker on CUDA GPUs only")
+
+
+def test_the_lm_head_graphs_are_named_in_the_fingerprint_and_refused_where_they_cannot_run(tiny_model):
+    """Experimental (--gpu-lm-head-graphs): the lm_head's cuBLASLt call replayed from CUDA graphs.
+    Another fingerprint until the device shows equal bits; only where cuBLASLt is the GEMM."""
+    from invariant.worker.numerics import kernel_config
+    from invariant.worker.options import WorkerConfigError, WorkerOptions, validate
+
+    off = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
+    on = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", lm_head_graphs=64)
+    assert "lm_head" not in off and on["lm_head"] == "graphed-up-to-64-rows" and on != off
+    res = invariant_cli("fingerprint", "--model", str(tiny_model), "--gpu-lm-head-graphs", "64")
+    assert res.returncode != 0 and res.stderr.strip().splitlines()[-1].endswith(
+        "--gpu-lm-head-graphs applies to an invariant worker on CUDA GPUs only")
+    for rows, gemm, message in ((2000, "auto", "must be 0 (off) or 1-1024 rows"), (-1, "auto", "must be 0 (off)"),
+                                (64, "vllm", "replays the cuBLASLt GEMM, not --gpu-gemm vllm")):
+        with pytest.raises(WorkerConfigError, match=re.escape(message)):
+            validate(WorkerOptions(model=str(tiny_model), gpu_gemm=gemm, gpu_lm_head_graphs=rows), cuda=True,
+                     check_port=False)
+    with pytest.raises(WorkerConfigError, match="applies to an invariant worker"):
+        validate(WorkerOptions(model=str(tiny_model), invariance=False, gpu_lm_head_graphs=64), cuda=True,
+                 check_port=False)
+
+
+def test_graphed_rows_go_to_the_next_power_of_two_and_the_cpu_runs_eagerly():
+    from invariant.kernels.gpu.graphed import GraphedLinear, bucket
+
+    assert [bucket(m) for m in (1, 2, 3, 4, 5, 33, 64)] == [1, 2, 4, 4, 8, 64, 64]
+    assert bucket(65) is None and bucket(0) is None and bucket(100, max_rows=128) == 128
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(5, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
+    graphed = GraphedLinear()
+    assert torch.equal(graphed(x, w, b), torch.nn.functional.linear(x, w, b)) and not graphed.graphs

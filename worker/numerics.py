@@ -103,7 +103,7 @@ def model_head_dim(model_dir: str) -> int:
 
 def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, gemm: str = GPU_GEMM_DEFAULT,
                   engine_args: tuple[str, ...] = (), attention_isa: str | None = None,
-                  tp_invariant_parts: int = 0) -> dict[str, Any]:
+                  tp_invariant_parts: int = 0, lm_head_graphs: int = 0) -> dict[str, Any]:
     """What selects the kernels, and with them the bits: backend, compile mode, threads, and on
     CUDA the sizes the engine is compiled for (``engine_args.compile_shape``).
     ``gpu_arch`` (e.g. ``sm90``) is read from the device when not given."""
@@ -117,11 +117,16 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
         # Upstream's invariant mode, with RMSNorm on our row kernels (invariant.worker.plugin):
         # their source, pinned constants and Triton version decide those bits.
         arch = gpu_arch or cuda_arch()
-        return {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
-                "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER,
-                "gemm": resolve_gpu_gemm(gemm, arch),
-                "gemm_library": gpu_gemm_library(gemm, arch), "invariant_kernels": identity(arch),
-                "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
+        config = {"backend": "cuda", "enforce_eager": False, "batch_invariant": "vllm+invariant-rmsnorm",
+                  "attention": GPU_INVARIANT_ATTENTION, "sampler": GPU_INVARIANT_SAMPLER,
+                  "gemm": resolve_gpu_gemm(gemm, arch),
+                  "gemm_library": gpu_gemm_library(gemm, arch), "invariant_kernels": identity(arch),
+                  "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
+        if lm_head_graphs:
+            # The same GEMM replayed at a power-of-two row count: equal bits where the GEMM is row-invariant
+            # (the canary's premise), but named until the device has shown it (invariant.kernels.gpu.graphed).
+            config["lm_head"] = f"graphed-up-to-{lm_head_graphs}-rows"
+        return config
     config: dict[str, Any] = {
         "backend": "cpu",
         # torch.compile (inductor) fuses ops and so changes numerics, and its CPU code generation

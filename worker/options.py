@@ -38,6 +38,9 @@ class WorkerOptions:
     extra_vllm_args: tuple[str, ...] = field(default_factory=tuple)
     # Whose GEMM an invariant CUDA worker runs (contract.engine_args.GPU_GEMMS). Part of the fingerprint.
     gpu_gemm: str = GPU_GEMM_DEFAULT
+    # Experimental (issue 16, item 2): the lm_head's GEMM through CUDA graphs for batches of up to this
+    # many rows (0: off; invariant.kernels.gpu.graphed). Part of the fingerprint.
+    gpu_lm_head_graphs: int = 0
     # TP-invariant numerics (CPU): each row-parallel layer's K in this many fixed parts at every TP
     # size, so TP sizes dividing it serve the same bits under one fingerprint (worker/tensor_parallel.py).
     tp_invariant_parts: int = 0
@@ -116,6 +119,13 @@ def validate(options: WorkerOptions, *, cuda: bool, check_port: bool = True) -> 
         raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm!r}: choose one of {', '.join(GPU_GEMMS)}")
     if options.gpu_gemm != GPU_GEMM_DEFAULT and not (cuda and options.invariance):
         raise WorkerConfigError(f"--gpu-gemm {options.gpu_gemm} applies to an invariant worker on CUDA GPUs only")
+    if options.gpu_lm_head_graphs:
+        if not 0 < options.gpu_lm_head_graphs <= 1024:
+            raise WorkerConfigError(f"--gpu-lm-head-graphs {options.gpu_lm_head_graphs} must be 0 (off) or 1-1024 rows")
+        if not (cuda and options.invariance):
+            raise WorkerConfigError("--gpu-lm-head-graphs applies to an invariant worker on CUDA GPUs only")
+        if options.gpu_gemm not in ("auto", "cublaslt"):
+            raise WorkerConfigError(f"--gpu-lm-head-graphs replays the cuBLASLt GEMM, not --gpu-gemm {options.gpu_gemm}")
     problems = engine_arg_errors(list(options.extra_vllm_args))
     if problems:
         raise WorkerConfigError(problems[0])

@@ -41,6 +41,7 @@ import logging
 import os
 
 ENV = "INVARIANT_BATCH_INVARIANT"
+LM_HEAD_GRAPHS_ENV = "INVARIANT_GPU_LM_HEAD_GRAPHS"  # rows up to which the lm_head replays graphs; 0/unset: off
 GEMM_ENV = "INVARIANT_GPU_GEMM"  # whose GEMM the CUDA worker runs, resolved: "vllm", "cublaslt" or "invariant"
 SUPPORTED_VLLM = "0.32.0"
 # The GPU side patches upstream's invariant mode of the vLLM the GPU image carries (docs/gpu-vllm.md).
@@ -258,7 +259,9 @@ def apply_cuda(gemm: str = "vllm") -> None:
     upstream's persistent Triton matmul, ``gemm="vllm"``): ``"cublaslt"`` -> torch's linear, which
     upstream's invariant mode leaves on cuBLASLt with a 1-byte workspace and no reduced-precision
     reduction on Hopper; ``"invariant"`` -> ours, a custom op so the compiled graph calls it
-    opaquely. ``gemm`` comes resolved (numerics.resolve_gpu_gemm). Idempotent."""
+    opaquely. ``gemm`` comes resolved (numerics.resolve_gpu_gemm). With ``INVARIANT_GPU_LM_HEAD_GRAPHS``
+    (``--gpu-lm-head-graphs``, cuBLASLt only) the lm_head's call replays CUDA graphs for batches up to
+    that many rows (invariant.kernels.gpu.graphed). Idempotent."""
     if gemm not in ("vllm", "cublaslt", "invariant"):
         raise RuntimeError(f"{GEMM_ENV}={gemm!r}: the worker passes a resolved GEMM (vllm, cublaslt or invariant)")
     import vllm.model_executor.layers.layernorm as layernorm
@@ -284,6 +287,11 @@ def apply_cuda(gemm: str = "vllm") -> None:
         def gemm_fn(x, weight, bias=None):
             return op(x, weight, bias)
     linear.linear_batch_invariant = vocab.linear_batch_invariant = gemm_fn
+    rows = int(os.environ.get(LM_HEAD_GRAPHS_ENV) or 0)
+    if rows and gemm == "cublaslt":
+        from invariant.kernels.gpu.graphed import GraphedLinear
+
+        vocab.linear_batch_invariant = GraphedLinear(rows)  # the lm_head only: the decoder is in vLLM's graphs
 
 
 def register() -> None:

@@ -92,7 +92,11 @@ def apply_environment(options: WorkerOptions, *, cuda: bool) -> None:
         os.environ[plugin.ENV] = "cuda"
         # Resolved here ("auto" -> this GPU's GEMM), where the fingerprint resolves it too: the
         # engine's processes never have to touch CUDA to choose.
-        os.environ[plugin.GEMM_ENV] = numerics.resolve_gpu_gemm(options.gpu_gemm, numerics.cuda_arch())
+        os.environ[plugin.GEMM_ENV] = gemm = numerics.resolve_gpu_gemm(options.gpu_gemm, numerics.cuda_arch())
+        if options.gpu_lm_head_graphs and gemm != "cublaslt":
+            raise WorkerConfigError(f"--gpu-lm-head-graphs replays the cuBLASLt GEMM; on this GPU "
+                                    f"--gpu-gemm {options.gpu_gemm} is {gemm}")
+        os.environ[plugin.LM_HEAD_GRAPHS_ENV] = str(options.gpu_lm_head_graphs)
     if not cuda:
         # Read by our vLLM plugin in every process vLLM starts (children inherit the environment).
         os.environ[plugin.ENV] = "cpu" if options.invariance else "off"
@@ -166,6 +170,7 @@ def prepare(options: WorkerOptions, *, serving: bool = True) -> tuple[list[str],
         invariance=invariance,
         kernel_config=numerics.kernel_config(cuda=cuda, invariance=invariance, gemm=options.gpu_gemm,
                                     engine_args=options.extra_vllm_args, attention_isa=isa,
+                                    lm_head_graphs=options.gpu_lm_head_graphs,
                                     tp_invariant_parts=options.tp_invariant_parts),
     )
     fingerprint = compute_fingerprint(parts)
