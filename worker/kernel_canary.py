@@ -26,10 +26,15 @@ A CUDA GEMM is checked densely (:data:`GPU_GEMM_DENSE_UP_TO`, then every multipl
 :data:`GPU_GEMM_STEP` and one more): upstream's invariant mode on Hopper is cuBLASLt with its
 workspace shrunk so that it cannot choose a split-K, which holds only as long as cuBLAS's heuristics
 pick no other reduction order for some M; cuBLAS's default was batch-variant at 34 of 528 M values on
-one Qwen3-8B shape and 179 on another (issue 16), scattered, not at tile boundaries. The rows are drawn
-once on the kernel's own device (a pool the probes are written into and taken out of again), so a
-size costs one kernel call. The check is pure arithmetic on the model's tensors: no request, no KV
-cache, no effect on what the engine later serves.
+one Qwen3-8B shape and 179 on another (issue 16), scattered, not at tile boundaries. The lm_head
+(N = the vocabulary: the costliest sizes) takes at most a fixed number of rows per call under
+cuBLASLt (invariant.kernels.gpu.rowchunks) and is checked densely up to that number only
+(:func:`lm_head_sizes`). A cuBLASLt call cost ~1 ms per new M on the H200, where the GEMM itself
+takes a fraction: work on the host, which PyTorch does without the GIL, so a case's sizes are split
+across threads, each on a stream of its own (:func:`check_split`; not yet timed on the device). The
+rows are drawn once on the kernel's own device (a pool the probes are written into and taken out of
+again), so a size costs one kernel call. The check is pure arithmetic on the model's tensors: no
+request, no KV cache, no effect on what the engine later serves.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ GPU_GEMM_DENSE_UP_TO = 2048
 GPU_GEMM_STEP = 64
 # Sizes checked between two reads of the difference counts (see :func:`check`).
 FLUSH_SIZES = 64
+THREADS_ENV = "INVARIANT_CANARY_THREADS"  # threads per CUDA GEMM case (see :func:`canary_threads`)
 
 
 def batch_sizes(budget: int, dense_up_to: int = DENSE_UP_TO, step: int | None = None) -> list[int]:
@@ -72,6 +78,37 @@ def batch_sizes(budget: int, dense_up_to: int = DENSE_UP_TO, step: int | None = 
 def gpu_gemm_sizes(budget: int) -> list[int]:
     """The row counts a CUDA GEMM is checked at (dense, see the module)."""
     return batch_sizes(budget, GPU_GEMM_DENSE_UP_TO, GPU_GEMM_STEP)
+
+
+def lm_head_sizes(budget: int, rows_per_call: int | None) -> list[int]:
+    """The row counts a CUDA lm_head is checked at: dense up to the rows it takes per call
+    (invariant.kernels.gpu.rowchunks: every call it makes has no more), then the ladder to the budget
+    (chunk boundaries and remainders, through the chunking itself). Without a limit, a GEMM's sizes."""
+    if rows_per_call is None or rows_per_call >= budget:
+        return gpu_gemm_sizes(budget)
+    return sorted(set(gpu_gemm_sizes(rows_per_call)) | set(batch_sizes(budget)))
+
+
+def gpu_gemm_plan(budget: int, threads: int, lm_head_fn: Callable[..., Any] | None = None) -> tuple[list[int], int]:
+    """Sizes and threads for a CUDA GEMM case; for the lm_head, given the function it calls: its
+    sizes follow the rows it takes per call, and a function that shares buffers between calls
+    (``one_caller``: CUDA graphs) is checked from one thread."""
+    if lm_head_fn is None:
+        return gpu_gemm_sizes(budget), threads
+    return (lm_head_sizes(budget, getattr(lm_head_fn, "rows_per_call", None)),
+            1 if getattr(lm_head_fn, "one_caller", False) else threads)
+
+
+def canary_threads(gemm: str | None) -> int:
+    """Threads a CUDA GEMM case's sizes are split across: ``INVARIANT_CANARY_THREADS``, else 8 for
+    cuBLASLt (each call's cost there is the library's work on the host, ~1 ms per new M on the H200,
+    done without the GIL; capped at the CPUs), else 1 (a Triton launch is Python, holding the GIL)."""
+    raw = os.environ.get(THREADS_ENV, "")
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{THREADS_ENV}={raw!r}: expected a whole number >= 1")
+        return int(raw)
+    return min(8, os.cpu_count() or 1) if gemm == "cublaslt" else 1
 
 
 def positions(rows: int) -> list[int]:
@@ -131,24 +168,37 @@ class Case:
     device: Any
     scale: float = 1.0
     sizes: list[int] | None = None  # None: the ladder up to max_rows
+    threads: int = 1  # how many threads may share its sizes (check_split); 1 where run is not thread-safe
 
 
-def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
-    """The probe rows alone, then amid fixed random rows at every size (``sizes``, else the case's
-    own, else the ladder up to its row limit); the first difference."""
+def _sizes(case: Case, sizes: list[int] | None) -> list[int]:
+    sizes = sizes if sizes is not None else case.sizes if case.sizes is not None else batch_sizes(case.max_rows)
+    return [m for m in sizes if m <= case.max_rows]
+
+
+def _draw(case: Case, rows: int) -> tuple[Any, Any]:
+    """The probes and a pool of ``rows`` other rows, fixed random values on the kernel's device."""
     import torch
 
-    sizes = sizes if sizes is not None else case.sizes if case.sizes is not None else batch_sizes(case.max_rows)
-    sizes = [m for m in sizes if m <= case.max_rows]
+    gen = torch.Generator(device=case.device).manual_seed(SEED)
+    pool = (torch.randn(PROBE_ROWS + rows, case.width, generator=gen, device=case.device)
+            * case.scale).to(case.dtype)
+    return pool[:PROBE_ROWS].clone(), pool[PROBE_ROWS:]
+
+
+def check(case: Case, sizes: list[int] | None = None, drawn: tuple[Any, Any] | None = None) -> Failure | None:
+    """The probe rows alone, then amid fixed random rows at every size (``sizes``, else the case's
+    own, else the ladder up to its row limit); the first difference. ``drawn``: probes and pool
+    (:func:`_draw`) shared with other parts of the same check."""
+    import torch
+
+    sizes = _sizes(case, sizes)
     if not sizes:
         return None
 
     # Drawn once, on the kernel's device: at every size the batch is the pool's first m rows with
     # the probes in their places, built in one copy (a fresh tensor: an output may be a view of its input).
-    gen = torch.Generator(device=case.device).manual_seed(SEED)
-    pool = (torch.randn(PROBE_ROWS + max(sizes), case.width, generator=gen, device=case.device)
-            * case.scale).to(case.dtype)
-    probes, pool = pool[:PROBE_ROWS].clone(), pool[PROBE_ROWS:]
+    probes, pool = drawn if drawn is not None else _draw(case, max(sizes))
     alone = [case.run(probes[i:i + 1]) for i in range(PROBE_ROWS)]
     # What the first n probes must give, per output, stacked once (a batch of 1 or 2 rows holds fewer
     # probes): each size then costs a few kernel launches, not one per probe and output (on the GPU
@@ -182,6 +232,68 @@ def check(case: Case, sizes: list[int] | None = None) -> Failure | None:
     return None
 
 
+def check_split(case: Case, threads: int | None = None, sizes: list[int] | None = None) -> Failure | None:
+    """:func:`check` with the sizes dealt round-robin to ``threads`` threads (default the case's),
+    each on a CUDA stream of its own: where each call's cost is the library's host work (cuBLASLt's
+    heuristics), the threads do it side by side. The first difference, as :func:`check` would
+    report it: the smallest failing size (each part's first failure is its smallest). A kernel's
+    exception is raised here, as :func:`check` raises it."""
+    import threading
+
+    import torch
+
+    threads = case.threads if threads is None else threads
+    sizes = _sizes(case, sizes)
+    if threads <= 1 or len(sizes) < 2 * threads:
+        return check(case, sizes)
+    drawn = _draw(case, max(sizes))  # one pool for all parts (read only)
+    cuda = torch.device(case.device).type == "cuda"
+    if cuda:
+        threads = _threads_memory_allows(case, drawn[0], max(sizes), threads)
+        if threads <= 1:
+            return check(case, sizes, drawn)
+    # Each thread's stream waits for this one's work: the pool, and weights written just before.
+    caller = torch.cuda.current_stream(case.device) if cuda else None
+    results: list[Failure | None] = [None] * threads
+    errors: list[BaseException] = []
+
+    def part(i: int) -> None:
+        try:
+            with torch.inference_mode():  # thread-local, like the current device and stream
+                if not cuda:
+                    results[i] = check(case, sizes[i::threads], drawn)
+                    return
+                stream = torch.cuda.Stream(device=case.device)
+                stream.wait_stream(caller)
+                with torch.cuda.device(case.device), torch.cuda.stream(stream):
+                    results[i] = check(case, sizes[i::threads], drawn)
+                stream.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the caller's thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=part, args=(i,), name=f"kernel-canary-{i}") for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    failures = [f for f in results if f is not None]
+    return min(failures, key=lambda f: f.batch) if failures else None
+
+
+def _threads_memory_allows(case: Case, probes, rows: int, threads: int) -> int:
+    """At most ``threads``, as many as half the device's free memory holds at the largest size (each
+    thread's batch and outputs at once: the canary runs beside a KV cache that took the rest)."""
+    import torch
+
+    out_bytes = sum(o.shape[-1] * o.element_size() for _, o in case.run(probes[:1]))
+    per_thread = rows * (case.width * probes.element_size() + out_bytes) * 2  # and the probe rows' copies
+    free, _ = torch.cuda.mem_get_info(case.device)
+    free += torch.cuda.memory_reserved(case.device) - torch.cuda.memory_allocated(case.device)
+    return max(1, min(threads, int(free // 2 // max(per_thread, 1))))
+
+
 def _batch_pieces(pool, probes, where: list[int], m: int) -> list[Any]:
     """Slices that concatenate to the pool's first ``m`` rows with probe i at row ``where[i]``."""
     pieces, prev = [], 0
@@ -197,15 +309,20 @@ def _batch_pieces(pool, probes, where: list[int], m: int) -> list[Any]:
 
 def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
     import torch
+    import vllm.model_executor.layers.vocab_parallel_embedding as vocab
     from vllm.model_executor.layers.linear import RowParallelLinear as row_parallel
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    from invariant.worker.plugin import GEMM_ENV
 
     # Under --tp-invariant-parts the row-parallel layers serve through tensor_parallel's part sums,
     # not quant_method.apply: check what they serve.
     tp_parts = getattr(row_parallel.forward, "__invariant_tp__", 0)
+    # On CUDA: what the lm_head calls (invariant.worker.plugin: chunked under cuBLASLt, perhaps graphed)
+    head_fn = None if cpu else getattr(vocab, "linear_batch_invariant", None)
+    threads = 1 if cpu else canary_threads(os.environ.get(GEMM_ENV))
     cases, seen = [], set()
     for name, module in model.named_modules():
-        if type(module) is VocabParallelEmbedding:
+        if type(module) is vocab.VocabParallelEmbedding:
             continue  # a table lookup, never a GEMM (the lm_head is a ParallelLMHead)
         weight = getattr(module, "weight", None)
         method = getattr(module, "quant_method", None)
@@ -237,8 +354,10 @@ def _linear_cases(model, budget: int, cpu: bool) -> list[Case]:
                 outs.append((_dtype_name(x), method.apply(module, x, bias)))
             return outs
 
+        sizes, case_threads = (None, 1) if cpu else \
+            gpu_gemm_plan(budget, threads, head_fn if isinstance(module, vocab.ParallelLMHead) else None)
         cases.append(Case("gemm", name, f"K={k} N={n_out}", k, budget, run, weight.dtype, weight.device,
-                          scale=1.0, sizes=None if cpu else gpu_gemm_sizes(budget)))
+                          scale=1.0, sizes=sizes, threads=case_threads))
     return cases
 
 
@@ -342,13 +461,13 @@ def run_all(model, *, budget: int, vocab: int, hidden: int, cpu: bool) -> dict[s
         for case in cases:
             t0 = time.perf_counter()
             try:
-                failure = check(case)
+                failure = check_split(case)
             except Exception as exc:  # noqa: BLE001 - a kernel that raises is a failed kernel
                 failures.append({"kernel": case.kernel, "name": case.name, "shape": case.shape, "batch": None,
                                  "message": f"{case.kernel} ({case.name}, {case.shape}) raised: {exc}"})
                 continue
             checked.append({"kernel": case.kernel, "name": case.name, "shape": case.shape,
-                            "sizes": len(case.sizes or batch_sizes(case.max_rows)),
+                            "sizes": len(case.sizes or batch_sizes(case.max_rows)), "threads": case.threads,
                             "seconds": round(time.perf_counter() - t0, 3)})
             if failure is not None:
                 failures.append({**asdict(failure), "message": failure.message()})

@@ -122,10 +122,14 @@ def kernel_config(*, cuda: bool, invariance: bool, gpu_arch: str | None = None, 
                   "gemm": resolve_gpu_gemm(gemm, arch),
                   "gemm_library": gpu_gemm_library(gemm, arch), "invariant_kernels": identity(arch),
                   "compiled_for": compile_shape(engine_args), "inductor": inductor_patches()}
-        if lm_head_graphs:
-            # The same GEMM replayed at a power-of-two row count: equal bits where the GEMM is row-invariant
-            # (the canary's premise), but named until the device has shown it (invariant.kernels.gpu.graphed).
-            config["lm_head"] = f"graphed-up-to-{lm_head_graphs}-rows"
+        if config["gemm"] == "cublaslt":
+            from invariant.kernels.gpu.rowchunks import lm_head_rows
+
+            # Chunked (invariant.kernels.gpu.rowchunks) and, if asked, replayed from graphs at a
+            # power-of-two row count (invariant.kernels.gpu.graphed): equal bits where the GEMM is
+            # row-invariant (the canary's premise), but named until the device has shown it.
+            head = f"chunks-of-{lm_head_rows(lm_head_graphs)}-rows"
+            config["lm_head"] = head + (f"+graphed-up-to-{lm_head_graphs}-rows" if lm_head_graphs else "")
         return config
     config: dict[str, Any] = {
         "backend": "cpu",

@@ -259,9 +259,10 @@ def apply_cuda(gemm: str = "vllm") -> None:
     upstream's persistent Triton matmul, ``gemm="vllm"``): ``"cublaslt"`` -> torch's linear, which
     upstream's invariant mode leaves on cuBLASLt with a 1-byte workspace and no reduced-precision
     reduction on Hopper; ``"invariant"`` -> ours, a custom op so the compiled graph calls it
-    opaquely. ``gemm`` comes resolved (numerics.resolve_gpu_gemm). With ``INVARIANT_GPU_LM_HEAD_GRAPHS``
-    (``--gpu-lm-head-graphs``, cuBLASLt only) the lm_head's call replays CUDA graphs for batches up to
-    that many rows (invariant.kernels.gpu.graphed). Idempotent."""
+    opaquely. ``gemm`` comes resolved (numerics.resolve_gpu_gemm). Under cuBLASLt the lm_head takes at
+    most invariant.kernels.gpu.rowchunks.lm_head_rows rows per call; with ``INVARIANT_GPU_LM_HEAD_GRAPHS``
+    (``--gpu-lm-head-graphs``) it replays CUDA graphs for batches up to that many rows
+    (invariant.kernels.gpu.graphed). Idempotent."""
     if gemm not in ("vllm", "cublaslt", "invariant"):
         raise RuntimeError(f"{GEMM_ENV}={gemm!r}: the worker passes a resolved GEMM (vllm, cublaslt or invariant)")
     import vllm.model_executor.layers.layernorm as layernorm
@@ -287,11 +288,18 @@ def apply_cuda(gemm: str = "vllm") -> None:
         def gemm_fn(x, weight, bias=None):
             return op(x, weight, bias)
     linear.linear_batch_invariant = vocab.linear_batch_invariant = gemm_fn
-    rows = int(os.environ.get(LM_HEAD_GRAPHS_ENV) or 0)
-    if rows and gemm == "cublaslt":
-        from invariant.kernels.gpu.graphed import GraphedLinear
+    if gemm == "cublaslt":
+        from invariant.kernels.gpu.rowchunks import RowChunks, lm_head_rows
 
-        vocab.linear_batch_invariant = GraphedLinear(rows)  # the lm_head only: the decoder is in vLLM's graphs
+        # The lm_head only (the decoder is in vLLM's graphs): chunked, so that the canary's every M
+        # up to the chunk covers every M it is called with; from graphs if asked.
+        rows = int(os.environ.get(LM_HEAD_GRAPHS_ENV) or 0)
+        head = gemm_fn
+        if rows:
+            from invariant.kernels.gpu.graphed import GraphedLinear
+
+            head = GraphedLinear(rows)
+        vocab.linear_batch_invariant = RowChunks(head, lm_head_rows(rows))
 
 
 def register() -> None:

@@ -37,7 +37,10 @@ class GraphedLinear:
     graphs (see the module); anything else, and any call while a graph is being captured (vLLM's
     own capture), runs eagerly. Keyed by bucket, weight and bias storage, dtypes and width, so a
     reloaded weight at another address gets its own graph. One caller thread and stream (vLLM's
-    model runner): the graphs' input and output buffers are shared between calls."""
+    model runner): the graphs' input and output buffers are shared between calls (``one_caller``:
+    the kernel canary checks it from one thread)."""
+
+    one_caller = True
 
     def __init__(self, max_rows: int = MAX_ROWS) -> None:
         self.max_rows = max_rows
