@@ -5,7 +5,7 @@
 # each step's log in WORK/, WORK/DONE at the end. Fetch WORK with: tar -czf $OUT/work.tgz -C WORK .
 # A short lease runs part of it: STEPS="make pytest_vllm" PYTEST_K="chunked or eager" bash bench/gpu_session.sh
 set -u
-STEPS=${STEPS:-make attention profile sampler probe pytest_vllm cost canary_cost pytest_worker pytest_kernels determinism}
+STEPS=${STEPS:-make gemm_canary attention profile sampler probe pytest_vllm cost canary_cost pytest_worker pytest_kernels determinism}
 PYTEST_K=${PYTEST_K:-}
 PYTEST_K_VLLM=${PYTEST_K_VLLM:-$PYTEST_K}  # -k for tests/test_gpu_vllm.py alone
 PYTEST_K_WORKER=${PYTEST_K_WORKER:-$PYTEST_K}
@@ -16,6 +16,8 @@ export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$W/gpu.txt"
 step make 120 python3 -m invariant.cli model make --size medium --quiet "$W/medium"
 export INVARIANT_GPU_MODEL=$W/medium
+# The GEMM canary alone, early (~1-2 min): its seconds per shape, 1 thread vs the worker's 8, and the controls
+step gemm_canary 400 python3 -m pytest -m gpu -v -rP -p no:cacheprovider tests/test_kernel_canary.py -k "gemm_canary"
 step attention 240 env OUT="$W/attention" bash bench/device_attention.sh
 step profile 600 python3 bench/gpu_decode_profile.py "$W/medium" --out "$W/profile"
 step sampler 120 python3 bench/gpu_sampler_probe.py --out "$W/sampler"
