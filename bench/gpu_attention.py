@@ -4,7 +4,8 @@ the shapes that could be pinned next (issue 16, item 4: within 1.2x of the faste
 
     python bench/gpu_attention.py --out DIR [--dry-run]
 
-Each shape (block_m, block_n, split, warps, combine chunk[, long split, long from]) is another numerics, so every shape is
+Each shape (block_m, block_n, split, warps, combine chunk[, long split, long from[, fold in the split
+kernel]]) is another numerics, so every shape is
 checked where it is timed: sequence 0's output amid the batch equals it alone (batch invariance),
 and at 4k context the decode of the last token equals the last row of the whole prefill (one
 reduction order for prefill and decode), plus its error against float64. Times are medians of
@@ -40,10 +41,16 @@ CASES = ([(1, 256), (4, 128)] if DRY else
 # (block_m, block_n, split, warps, combine chunk[, long split, long from]); the pinned shape is timed
 # as well (pinned()). Measured on the H200 (2026-12-03, third sweep): the tiered 256 -> 1024 from
 # 16,384 was best by its worst case (1.25x cuDNN) and is pinned; one split size lost at 4k or at 32k.
-CANDIDATES = ([(16, 16, 64, 1, 2), (16, 16, 32, 1, 4), (16, 16, 32, 1, 2, 64, 128)] if DRY else
+# A last True: the fold in the split kernel (configs.ATTN_FOLD_IN_SPLIT, no second launch; built
+# 2026-12-03 for batch 1, not yet timed), at the pinned splits and at two narrower fold widths
+# (the fold's registers then count in the split kernel's occupancy).
+CANDIDATES = ([(16, 16, 64, 1, 2), (16, 16, 32, 1, 4), (16, 16, 32, 1, 2, 64, 128), (16, 16, 32, 1, 2, 64, 128, True)]
+              if DRY else
               [(16, 128, 512, 4, 16), (16, 128, 256, 4, 64), (16, 128, 1024, 4, 16),
                (16, 128, 256, 4, 64, 1024, 8192), (16, 128, 256, 4, 32, 512, 8192),
-               (16, 128, 512, 4, 32, 1024, 16384), (16, 128, 256, 4, 64, 2048, 16384)])
+               (16, 128, 512, 4, 32, 1024, 16384), (16, 128, 256, 4, 64, 2048, 16384),
+               (16, 128, 256, 4, 64, 1024, 16384, True), (16, 128, 256, 4, 16, 1024, 16384, True),
+               (16, 128, 256, 4, 32, 1024, 16384, True)])
 
 
 def pinned() -> tuple[int, ...]:
@@ -51,6 +58,8 @@ def pinned() -> tuple[int, ...]:
 
     base = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS,
             configs.ATTN_COMBINE_CHUNK)
+    if configs.ATTN_FOLD_IN_SPLIT:
+        return (*base, configs.ATTN_SPLIT_LONG or configs.ATTN_SPLIT, configs.ATTN_LONG_FROM, True)
     if configs.ATTN_SPLIT_LONG and configs.ATTN_SPLIT_LONG != configs.ATTN_SPLIT:
         return (*base, configs.ATTN_SPLIT_LONG, configs.ATTN_LONG_FROM)
     return base
@@ -176,7 +185,8 @@ def markdown(res: dict) -> str:
              f"{res['meta']['date']}; torch {res['meta']['torch']}, Triton {res['meta']['triton']}, bf16; paged KV "
              f"(page {PAGE}), {HQ} query / {HKV} KV heads, head dim {D}. Medians of CUDA-graph replays; ratio = "
              "our time / the fastest SDPA backend's (contiguous KV) in the same run, lower is better. "
-             "Shape = (block_m, block_n, split, warps, combine chunk); every cell was also checked: "
+             "Shape = (block_m, block_n, split, warps, combine chunk[, long split, long from[, fold in the split "
+             "kernel]]); every cell was also checked: "
              "sequence 0 amid the batch = alone, and (B = 1, 4k) decode = last prefill row.", "",
              "| batch | context | SDPA ms (backend) | " + " | ".join(str(s) for s in shapes) + " |",
              "|---|---|---|" + "---|" * len(shapes)]

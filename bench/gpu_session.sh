@@ -18,7 +18,7 @@ step make 120 python3 -m invariant.cli model make --size medium --quiet "$W/medi
 export INVARIANT_GPU_MODEL=$W/medium
 # The GEMM canary alone, early (~1-2 min): its seconds per shape, 1 thread vs the worker's 8, and the controls
 step gemm_canary 400 python3 -m pytest -m gpu -v -rP -p no:cacheprovider tests/test_kernel_canary.py -k "gemm_canary"
-step attention 240 env OUT="$W/attention" bash bench/device_attention.sh
+step attention 300 env OUT="$W/attention" bash bench/device_attention.sh
 step profile 600 python3 bench/gpu_decode_profile.py "$W/medium" --out "$W/profile"
 step sampler 120 python3 bench/gpu_sampler_probe.py --out "$W/sampler"
 step probe 120 python3 bench/gpu_leak_probe.py --out "$W/probe"

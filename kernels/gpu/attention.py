@@ -10,7 +10,8 @@ fold takes ``ATTN_COMBINE_CHUNK`` splits at a time (a fixed width, lanes past th
 masked), so long rows fold in a few vector steps. Rows at positions from ``ATTN_LONG_FROM`` on cut
 their KV in ``ATTN_SPLIT_LONG`` splits instead (fewer, longer splits where there are many; the
 position decides, so prefill and decode still agree); with ``ATTN_SPLIT_LONG == ATTN_SPLIT`` there
-is one size.
+is one size. With ``configs.ATTN_FOLD_IN_SPLIT`` the fold runs in the first kernel instead, by the
+last of each (row tile, KV head)'s split programs to finish (the same fold code; no second launch).
 
 Rows of a tile are (query token, query head of the KV head's group) pairs, so a KV block is read once
 for the whole GQA group. One block shape and warp count for every call (``configs``): the reduction
@@ -65,12 +66,20 @@ def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, group: int, bloc
 def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws, acc_ws,
                 qk_scale, T, HQ,
                 s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_tb,
+                out, arrived, s_ot, s_oh,
                 PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_LONG: tl.constexpr,
-                LONG_FROM: tl.constexpr):
+                LONG_FROM: tl.constexpr, CS: tl.constexpr, FOLD: tl.constexpr):
     """Program ``split`` covers KV from ``split * SPLIT``: SPLIT tokens for a query row at a position
     below LONG_FROM, SPLIT_LONG (a multiple) for one at or past it, whose splits start only at every
-    (SPLIT_LONG / SPLIT)-th program. A row's splits follow from its own position alone."""
+    (SPLIT_LONG / SPLIT)-th program. A row's splits follow from its own position alone.
+
+    ``FOLD``: the last of a (row tile, KV head)'s programs to finish folds the tile's rows itself
+    (:func:`_fold_row`, the same code as the second kernel's), so no second launch; which program is
+    last decides only who folds, never the order. Every program counts itself in ``arrived`` (one
+    int32 per (tile, KV head), zero before the launch; the folder sets it back to zero): the stores
+    of its partials, then a barrier, then the count with release and acquire at GPU scope, as a
+    split-K semaphore does."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -89,8 +98,29 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
     active = row_ok & (lo <= pos) & ((pos < LONG_FROM) | (split % (SPLIT_LONG // SPLIT) == 0))
     row_hi = tl.minimum(lo + tl.where(long, SPLIT_LONG, SPLIT), pos + 1)
     hi = tl.max(tl.where(active, row_hi, lo), axis=0)
-    if hi <= lo:
-        return
+    if hi > lo:
+        _split_rows(q, kc, vc, table, m_ws, l_ws, acc_ws, qk_scale, T, HQ, s_qt, s_qh, s_kb, s_kt, s_kh,
+                    s_vb, s_vt, s_vh, s_tb, b, q0, kvh, split, t, g, row_ok, active, row_hi, lo, hi, seq_len,
+                    PAGE, G, D, BD, BM, BN)
+    if FOLD:
+        here = arrived + tile * tl.num_programs(1) + kvh
+        tl.debug_barrier()  # every thread's stores of this program's partials, before the count
+        if tl.atomic_add(here, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+            tl.debug_barrier()
+            for r in range(BM):
+                t_r = (row0 + r) // G
+                if t_r < q_len:
+                    _fold_row(out, m_ws, l_ws, acc_ws, q0 + t_r, kvh * G + (row0 + r) % G, seq_len - q_len + t_r,
+                              T, HQ, s_ot, s_oh, D, BD, SPLIT, CS, SPLIT_LONG, LONG_FROM, ".cg")
+            tl.store(here, 0)  # for the next launch
+
+
+@triton.jit
+def _split_rows(q, kc, vc, table, m_ws, l_ws, acc_ws, qk_scale, T, HQ, s_qt, s_qh, s_kb, s_kt, s_kh,
+                s_vb, s_vt, s_vh, s_tb, b, q0, kvh, split, t, g, row_ok, active, row_hi, lo, hi, seq_len,
+                PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """One program's split: its rows' online softmax over KV [lo, hi), the partials stored."""
     d = tl.arange(0, BD)
     d_ok = d < D
     head = kvh * G + g
@@ -125,19 +155,15 @@ def _attn_split(q, kc, vc, table, seq_lens, qsl, tile_seq, tile_row0, m_ws, l_ws
 
 
 @triton.jit
-def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot, s_oh,
-                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, CS: tl.constexpr,
-                  SPLIT_LONG: tl.constexpr, LONG_FROM: tl.constexpr):
-    """Fold a query row's splits, ``CS`` at a time: a chunk's partials are summed as one vector (a
+def _fold_row(out, m_ws, l_ws, acc_ws, tok, head, pos, T, HQ, s_ot, s_oh,
+              D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, CS: tl.constexpr,
+              SPLIT_LONG: tl.constexpr, LONG_FROM: tl.constexpr, CACHE: tl.constexpr):
+    """Fold one query row's splits, ``CS`` at a time: a chunk's partials are summed as one vector (a
     tree fixed by ``CS`` and the layout), the chunk sums in chunk order. Which lanes of a chunk hold
     splits depends on the row's own position only, so the order is the row's, whatever the batch;
-    the chunks make a 32k-token row's 64 splits a few wide loads instead of 64 dependent ones."""
-    tok = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.load(token_seq + tok)
-    q0 = tl.load(qsl + b)
-    q_len = tl.load(qsl + b + 1) - q0
-    pos = tl.load(seq_lens + b) - q_len + (tok - q0)
+    the chunks make a 32k-token row's 64 splits a few wide loads instead of 64 dependent ones.
+    ``CACHE``: the loads' cache modifier (".cg", past the SM's L1, where other programs of the same
+    launch wrote the partials)."""
     long = pos >= LONG_FROM
     n = tl.where(long, pos // SPLIT_LONG, pos // SPLIT) + 1  # this row's splits, in slots of ...
     stride = tl.where(long, SPLIT_LONG // SPLIT, 1)  # ... every stride-th program
@@ -145,23 +171,57 @@ def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot
     d = tl.arange(0, BD)
     d_ok = d < D
     ok = c < n
-    mx = tl.max(tl.load(m_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=float("-inf")), axis=0)
+    mx = tl.max(tl.load(m_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=float("-inf"),
+                        cache_modifier=CACHE), axis=0)
     for s0 in range(CS, n, CS):  # max is exact in any order
         sp = s0 + c
         mx = tl.maximum(mx, tl.max(tl.load(m_ws + (sp * stride * T + tok) * HQ + head, mask=sp < n,
-                                           other=float("-inf")), axis=0))
-    w = tl.exp2(tl.load(m_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=float("-inf")) - mx)
-    total = tl.sum(tl.load(l_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=0.0) * w, axis=0)
+                                           other=float("-inf"), cache_modifier=CACHE), axis=0))
+    w = tl.exp2(tl.load(m_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=float("-inf"),
+                        cache_modifier=CACHE) - mx)
+    total = tl.sum(tl.load(l_ws + (c * stride * T + tok) * HQ + head, mask=ok, other=0.0,
+                           cache_modifier=CACHE) * w, axis=0)
     acc = tl.sum(tl.load(acc_ws + ((c * stride * T + tok) * HQ + head)[:, None] * D + d[None, :],
-                         mask=ok[:, None] & d_ok[None, :], other=0.0) * w[:, None], axis=0)
+                         mask=ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE) * w[:, None], axis=0)
     for s0 in range(CS, n, CS):
         sp = s0 + c
         sp_ok = sp < n
-        w = tl.exp2(tl.load(m_ws + (sp * stride * T + tok) * HQ + head, mask=sp_ok, other=float("-inf")) - mx)
-        total += tl.sum(tl.load(l_ws + (sp * stride * T + tok) * HQ + head, mask=sp_ok, other=0.0) * w, axis=0)
+        w = tl.exp2(tl.load(m_ws + (sp * stride * T + tok) * HQ + head, mask=sp_ok, other=float("-inf"),
+                            cache_modifier=CACHE) - mx)
+        total += tl.sum(tl.load(l_ws + (sp * stride * T + tok) * HQ + head, mask=sp_ok, other=0.0,
+                                cache_modifier=CACHE) * w, axis=0)
         acc += tl.sum(tl.load(acc_ws + ((sp * stride * T + tok) * HQ + head)[:, None] * D + d[None, :],
-                              mask=sp_ok[:, None] & d_ok[None, :], other=0.0) * w[:, None], axis=0)
+                              mask=sp_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE) * w[:, None],
+                      axis=0)
     tl.store(out + tok * s_ot + head * s_oh + d, (acc / total).to(out.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _attn_combine(out, m_ws, l_ws, acc_ws, seq_lens, qsl, token_seq, T, HQ, s_ot, s_oh,
+                  D: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, CS: tl.constexpr,
+                  SPLIT_LONG: tl.constexpr, LONG_FROM: tl.constexpr):
+    """The second kernel: one program per (query token, head) folds its row (:func:`_fold_row`)."""
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.load(token_seq + tok)
+    q0 = tl.load(qsl + b)
+    q_len = tl.load(qsl + b + 1) - q0
+    pos = tl.load(seq_lens + b) - q_len + (tok - q0)
+    _fold_row(out, m_ws, l_ws, acc_ws, tok, head, pos, T, HQ, s_ot, s_oh, D, BD, SPLIT, CS, SPLIT_LONG, LONG_FROM, "")
+
+
+_ARRIVED: dict[str, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 counters at zero, kept per device: each fold sets its own back to zero,
+    so no launch needs a fill first (and a CUDA-graph replay finds them at zero too). Grown, never
+    shrunk; a grown buffer is allocated outside any graph capture by the first, eager, call."""
+    key = str(device)
+    buf = _ARRIVED.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _ARRIVED[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -170,11 +230,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal attention of ``q`` [T, Hq, D] (the batch's query tokens, packed by sequence, each
     sequence's last ``q_len`` positions) over ``k_cache``/``v_cache`` [blocks, page, Hkv, D]
     through ``block_table`` [B, pages]; ``seq_lens`` [B] counts cached plus new tokens.
-    (``_shape`` = (block_m, block_n, split, warps[, combine chunk[, long split, long from]]) overrides
-    the pinned shape: benchmarks only; each is another numerics.)"""
+    (``_shape`` = (block_m, block_n, split, warps[, combine chunk[, long split, long from[, fold in
+    split]]]) overrides the pinned shape: benchmarks only; each is another numerics.)
+    With the fold in the split kernel (``configs.ATTN_FOLD_IN_SPLIT``) calls must not overlap on two
+    streams of one device: they share its arrival counters."""
     pinned = (configs.ATTN_BLOCK_M, configs.ATTN_BLOCK_N, configs.ATTN_SPLIT, configs.ATTN_WARPS,
-              configs.ATTN_COMBINE_CHUNK, configs.ATTN_SPLIT_LONG, configs.ATTN_LONG_FROM)
-    bm, bn, split, warps, cs, split_long, long_from = (*_shape, *pinned[len(_shape):]) if _shape else pinned
+              configs.ATTN_COMBINE_CHUNK, configs.ATTN_SPLIT_LONG, configs.ATTN_LONG_FROM,
+              configs.ATTN_FOLD_IN_SPLIT)
+    bm, bn, split, warps, cs, split_long, long_from, fold = (*_shape, *pinned[len(_shape):]) if _shape else pinned
+    if _shape and len(_shape) < 8:
+        fold = False  # a shape that names no fold place: the second kernel, as shapes were measured
     if not split_long or (_shape and len(_shape) < 6):
         split_long = split  # none named: one split size
     if split_long % split or long_from % split_long:
@@ -202,13 +267,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     acc_ws = torch.empty((S, T, HQ, D), device=q.device, dtype=torch.float32)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     BD = triton.next_power_of_2(D)
-    _attn_split[(p.tile_seq.numel(), HKV, S)](
+    tiles = p.tile_seq.numel()
+    arrived = _arrival_counters(q.device, tiles * HKV) if fold else m_ws  # unused without the fold
+    _attn_split[(tiles, HKV, S)](
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, p.tile_seq, p.tile_row0,
         m_ws, l_ws, acc_ws, scale * LOG2E, T, HQ,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
+        out, arrived, out.stride(0), out.stride(1),
         PAGE=page, G=G, D=D, BD=BD, BM=bm, BN=bn, SPLIT=split, SPLIT_LONG=split_long, LONG_FROM=long_from,
-        num_warps=warps, num_stages=3)
+        CS=cs, FOLD=bool(fold), num_warps=warps, num_stages=3)
+    if fold:
+        return out
     _attn_combine[(T, HQ)](out, m_ws, l_ws, acc_ws, seq_lens, query_start_loc, p.token_seq, T, HQ,
                            out.stride(0), out.stride(1), D=D, BD=BD, SPLIT=split, CS=cs,
                            SPLIT_LONG=split_long, LONG_FROM=long_from,

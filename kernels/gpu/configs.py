@@ -40,6 +40,10 @@ ATTN_SPLIT = 256  # tokens per KV split (a size, never a count)
 ATTN_COMBINE_CHUNK = 64  # splits folded as one vector (a fixed width: the tree never follows the batch)
 ATTN_SPLIT_LONG = 1024  # tokens per KV split for query positions >= ATTN_LONG_FROM (a multiple of ATTN_SPLIT); 0: ATTN_SPLIT
 ATTN_LONG_FROM = 16384  # (a multiple of ATTN_SPLIT_LONG); with one split size it changes nothing
+# Where a row's splits are folded: False, a second kernel (one program per query row and head); True,
+# the last split program of each (row tile, KV head) to finish, saving the second launch (built for
+# batch 1, where that launch is a large part of ~11 us; not yet measured on a GPU, so not pinned).
+ATTN_FOLD_IN_SPLIT = False
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
 
@@ -107,7 +111,7 @@ def identity(arch: str = "sm90") -> dict[str, str]:
     pinned = dict(MM_BLOCK_K=MM_BLOCK_K, MM_CHUNK_K=MM_CHUNK_K, ATTN_BLOCK_M=ATTN_BLOCK_M,
                   ATTN_BLOCK_N=ATTN_BLOCK_N, ATTN_WARPS=ATTN_WARPS, ATTN_SPLIT=ATTN_SPLIT,
                   ATTN_COMBINE_CHUNK=ATTN_COMBINE_CHUNK, ATTN_SPLIT_LONG=ATTN_SPLIT_LONG,
-                  ATTN_LONG_FROM=ATTN_LONG_FROM, ROW_BLOCK_MAX=ROW_BLOCK_MAX)
+                  ATTN_LONG_FROM=ATTN_LONG_FROM, ATTN_FOLD_IN_SPLIT=ATTN_FOLD_IN_SPLIT, ROW_BLOCK_MAX=ROW_BLOCK_MAX)
     try:
         import triton
 
