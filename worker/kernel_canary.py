@@ -143,14 +143,9 @@ def _bits(t):
     return t.contiguous().view(ints[t.element_size()])
 
 
-def _differing_on_device(a, b):
-    """:func:`differing` as a tensor on a's device (no host sync)."""
-    return (_bits(a) != _bits(b)).sum()
-
-
 def differing(a, b) -> int:
     """How many elements differ in their bits (NaN equals the same NaN; -0.0 differs from 0.0)."""
-    return int(_differing_on_device(a, b))
+    return int((_bits(a) != _bits(b)).sum())
 
 
 @dataclass
@@ -238,6 +233,7 @@ def check_split(case: Case, threads: int | None = None, sizes: list[int] | None 
     heuristics), the threads do it side by side. The first difference, as :func:`check` would
     report it: the smallest failing size (each part's first failure is its smallest). A kernel's
     exception is raised here, as :func:`check` raises it."""
+    import contextlib
     import threading
 
     import torch
@@ -259,15 +255,15 @@ def check_split(case: Case, threads: int | None = None, sizes: list[int] | None 
 
     def part(i: int) -> None:
         try:
-            with torch.inference_mode():  # thread-local, like the current device and stream
-                if not cuda:
-                    results[i] = check(case, sizes[i::threads], drawn)
-                    return
-                stream = torch.cuda.Stream(device=case.device)
-                stream.wait_stream(caller)
-                with torch.cuda.device(case.device), torch.cuda.stream(stream):
-                    results[i] = check(case, sizes[i::threads], drawn)
-                stream.synchronize()
+            with contextlib.ExitStack() as scope:
+                scope.enter_context(torch.inference_mode())  # thread-local, like the device and stream
+                if cuda:
+                    stream = torch.cuda.Stream(device=case.device)
+                    stream.wait_stream(caller)
+                    scope.enter_context(torch.cuda.device(case.device))
+                    scope.enter_context(torch.cuda.stream(stream))
+                    scope.callback(stream.synchronize)  # runs first on the way out: this part's work done
+                results[i] = check(case, sizes[i::threads], drawn)
         except BaseException as exc:  # noqa: BLE001 - raised below, in the caller's thread
             errors.append(exc)
 

@@ -42,7 +42,8 @@ ATTN_SPLIT_LONG = 1024  # tokens per KV split for query positions >= ATTN_LONG_F
 ATTN_LONG_FROM = 16384  # (a multiple of ATTN_SPLIT_LONG); with one split size it changes nothing
 # Where a row's splits are folded: False, a second kernel (one program per query row and head); True,
 # the last split program of each (row tile, KV head) to finish, saving the second launch (built for
-# batch 1, where that launch is a large part of ~11 us; not yet measured on a GPU, so not pinned).
+# batch 1, where that launch may be much of the gap to cuDNN's ~11 us; not yet measured on a GPU, so
+# not pinned).
 ATTN_FOLD_IN_SPLIT = False
 ROW_BLOCK_MAX = 4096  # row ops: elements a program holds at once (longer rows loop in this block)
 
